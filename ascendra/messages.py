@@ -1,0 +1,163 @@
+"""The one contract between the coordinator and its workers.
+
+Every message that crosses a process boundary is a msgspec struct defined here and
+encoded as msgpack. Coordinator -> worker messages form ``CoordinatorMessage``;
+worker -> coordinator messages form ``WorkerMessage``. Both are tagged unions so a
+single decoder per direction handles every kind.
+
+Times are ``time.monotonic()`` seconds: CLOCK_MONOTONIC is system-wide on Linux, so
+the coordinator and the workers on one node share it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 disables
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+class KVSource(msgspec.Struct, frozen=True):
+    """Where to copy an escalated request's KV blocks from (used by escalation)."""
+
+    worker_id: int
+    pool: "PoolHandle"
+    block_ids: list[int]
+    num_tokens: int  # tokens whose K/V those blocks hold
+
+
+# ---------------------------------------------------------------- coordinator -> worker
+
+
+class AddRequest(msgspec.Struct, tag="add", frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float  # monotonic seconds at which the server received it
+    ttft_slo: float | None = None  # seconds
+    tbt_slo: float | None = None  # seconds
+    # Tokens already generated elsewhere (an escalated request resumes after them).
+    output_token_ids: list[int] = []
+    first_token_time: float | None = None
+    kv_source: KVSource | None = None
+
+
+class AbortRequests(msgspec.Struct, tag="abort", frozen=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+CoordinatorMessage = AddRequest | AbortRequests | Shutdown
+
+
+# ---------------------------------------------------------------- worker -> coordinator
+
+
+class PoolHandle(msgspec.Struct, frozen=True):
+    """How another process on this node can map a worker's KV pool.
+
+    kind "shm": a named POSIX shared-memory segment holding the pool (CPU).
+    kind "cuda": ``ipc`` holds the pickled ``reduce_tensor`` payload (CUDA IPC).
+    kind "none": the pool cannot be shared (e.g. the fake model).
+    """
+
+    kind: str
+    name: str
+    shape: list[int]  # layers, 2 (K/V), blocks, block_size, kv_heads, head_dim
+    dtype: str  # torch dtype name without the "torch." prefix
+    device: str
+    ipc: bytes = b""
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    name: str
+    path: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class Register(msgspec.Struct, tag="register", frozen=True):
+    worker_id: int
+    pid: int
+    role: str  # "mixed" | "lp" | "hp"
+    policy: str  # local batch policy: "vllm" | "sarathi" | "lp" | "hp"
+    device: str
+    model: ModelInfo
+    pool: PoolHandle
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    max_num_seqs: int
+    chunk_size: int
+
+
+class RequestOutput(msgspec.Struct, frozen=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int] = []
+    # None while running; "stop" | "length" | "abort" | "error" once finished.
+    finish_reason: str | None = None
+    error: str | None = None  # human-readable reason when finish_reason == "error"
+    num_prompt_tokens: int = 0
+
+
+class StepOutput(msgspec.Struct, tag="step", frozen=True):
+    """One per iteration (or one carrying only rejections/aborts when nothing ran)."""
+
+    worker_id: int
+    step: int
+    outputs: list[RequestOutput]
+    num_seqs: int  # requests in the batch
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    prefill_context_tokens: int  # sum of attention context over prefill chunks
+    decode_context_tokens: int  # sum of context lengths over decodes
+    step_time: float  # measured seconds for forward + sample
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    free_blocks: int
+    total_blocks: int
+    time: float  # monotonic time at which the step finished
+
+
+class WorkerFailed(msgspec.Struct, tag="failed", frozen=True):
+    """Sent when the worker hits an error it cannot recover from, just before exiting."""
+
+    worker_id: int
+    message: str
+
+
+WorkerMessage = Register | StepOutput | WorkerFailed
+
+
+# ---------------------------------------------------------------- codecs
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+coordinator_decoder = msgspec.msgpack.Decoder(CoordinatorMessage)
+worker_decoder = msgspec.msgpack.Decoder(WorkerMessage)

@@ -1,0 +1,186 @@
+"""Prometheus text exposition, written by hand (counters, gauges, histograms).
+
+Names follow vLLM's where the meaning is the same, under the ``ascendra:`` prefix.
+Observations are plain attribute updates so the per-token cost stays small.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable
+
+PREFIX = "ascendra:"
+
+
+def _fmt(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    if float(v).is_integer():
+        return str(int(v)) if abs(v) < 1e15 else repr(float(v))
+    return repr(float(v))
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
+        self.name = PREFIX + name
+        self.help = help
+        self.labelnames = tuple(labelnames)
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+    def render(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = (), initial: Iterable[tuple[str, ...]] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self.values: dict[tuple[str, ...], float] = {tuple(v): 0.0 for v in initial}
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0.0)
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        name = self.name if self.name.endswith("_total") else self.name + "_total"
+        if not self.values and not self.labelnames:
+            self.values[()] = 0.0
+        for labels, v in sorted(self.values.items()):
+            lines.append(f"{name}{_labels(self.labelnames, labels)} {_fmt(v)}")
+        return lines
+
+
+class Gauge(_Metric):
+    kind = "gauge"
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def set(self, value: float, *labels: str) -> None:
+        self.values[labels] = value
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        if not self.values and not self.labelnames:
+            self.values[()] = 0.0
+        for labels, v in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.labelnames, labels)} {_fmt(v)}")
+        return lines
+
+
+class Histogram(_Metric):
+    """Unlabelled histogram with fixed upper bounds (cumulated only when rendered)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float]) -> None:
+        super().__init__(name, help)
+        self.bounds = sorted(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # last slot: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def observe_many(self, v: float, n: int) -> None:
+        self.counts[bisect_left(self.bounds, v)] += n
+        self.sum += v * n
+        self.count += n
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        cum = 0
+        for bound, c in zip(self.bounds, self.counts):
+            cum += c
+            lines.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {cum}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{self.name}_sum {_fmt(self.sum)}")
+        lines.append(f"{self.name}_count {self.count}")
+        return lines
+
+
+# vLLM's bucket choices, so dashboards built for it read these the same way.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0]
+LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+SLO_RESULTS = ("met", "missed_ttft", "missed_tbt", "failed")
+
+
+class ServerMetrics:
+    """Every metric the coordinator exposes."""
+
+    def __init__(self) -> None:
+        self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to first token.", TTFT_BUCKETS)
+        self.itl = Histogram("inter_token_latency_seconds", "Gap between consecutive output tokens.", ITL_BUCKETS)
+        self.e2e = Histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.queue = Histogram(
+            "request_queue_time_seconds",
+            "Time a request waited in the coordinator before it was sent to a worker.",
+            LATENCY_BUCKETS,
+        )
+        self.mean_tbt = Histogram(
+            "request_mean_time_per_output_token_seconds", "Per request: (last - first token) / (n - 1).", ITL_BUCKETS
+        )
+        self.success = Counter(
+            "request_success_total", "Finished requests by finish reason.", ("finished_reason",),
+            initial=[(r,) for r in FINISH_REASONS],
+        )
+        self.slo = Counter(
+            "slo_requests_total",
+            "Requests judged against their TTFT and mean-TBT objectives (failed = ended in error).",
+            ("result",), initial=[(r,) for r in SLO_RESULTS],
+        )
+        self.rejected = Counter(
+            "request_rejected_total", "Requests refused before admission.", ("reason",),
+            initial=[("queue_full",), ("no_worker",), ("invalid",)],
+        )
+        self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of admitted requests.")
+        self.generation_tokens = Counter("generation_tokens_total", "Generated tokens.")
+        self.running = Gauge("num_requests_running", "Requests in the worker's running batch.", ("instance",))
+        self.waiting = Gauge("num_requests_waiting", "Requests queued on the worker.", ("instance",))
+        self.kv_usage = Gauge("kv_cache_usage_perc", "Fraction of the worker's KV blocks in use (0-1).", ("instance",))
+        self.preempted = Gauge("num_preemptions", "Requests preempted in the worker's last step.", ("instance",))
+        self.worker_up = Gauge("worker_up", "1 while the worker process is alive and registered.", ("instance", "role"))
+        self.inflight = Gauge("coordinator_requests_inflight", "Requests the coordinator is serving.")
+        self.unstarted = Gauge("coordinator_requests_waiting", "Admitted requests without a first token yet.")
+
+    def all(self) -> list[_Metric]:
+        return [
+            self.ttft, self.itl, self.e2e, self.queue, self.mean_tbt, self.success, self.slo, self.rejected,
+            self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.kv_usage,
+            self.preempted, self.worker_up, self.inflight, self.unstarted,
+        ]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in self.all():
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,255 @@
+"""The local batch scheduler: which requests run in the next iteration, and how many tokens each.
+
+Pure code: no torch, no I/O, no clock reads (the caller passes ``now``). The worker and
+the simulator drive this same class.
+
+Policies (../shared/DESIGN.md, "Scheduling policies"):
+- ``vllm``: prefill-first FCFS. Whole prompts while the token budget (max_model_len),
+  seats and blocks allow; a batch with prefills holds no decodes. Otherwise decode all.
+- ``sarathi``: decode-first and stall-free. Running decodes, then ongoing prefills, then
+  new requests FCFS, chunked so the batch holds at most ``chunk_size`` tokens. No skipping.
+- ``lp`` (Ascendra low priority): decode-first, then prefills in order of least TTFT
+  slack (deadline - now - predicted prefill time); requests already past hope go last.
+  A request that does not fit is skipped, not waited on.
+- ``hp`` (Ascendra high priority): decodes first, then prefills earliest-deadline-first,
+  with the prefill budget trimmed so the step stays inside the tightest TBT objective.
+
+Preemption is by recompute: when a decode needs a block and none is free, the running
+request of lowest priority loses its blocks and returns to the waiting queue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ascendra.block_manager import BlockManager
+from ascendra.sequence import Sequence, SeqStatus
+
+POLICIES = ("vllm", "sarathi", "lp", "hp")
+
+# Seconds for a prefill of n tokens, and for a whole step given (prefill tokens, decodes).
+PrefillTimeFn = Callable[[int], float]
+StepTimeFn = Callable[[int, int], float]
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "sarathi"
+    max_num_seqs: int = 128
+    chunk_size: int = 512  # token budget per step (sarathi, lp, hp)
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.chunk_size <= 0 or self.max_num_seqs <= 0:
+            raise ValueError("chunk_size and max_num_seqs must be positive")
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+    context_len: int  # tokens already in the pool before this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a new one is sampled."""
+        return self.context_len + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.scheduled if s.num_tokens == 1 and s.seq.is_decoding)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        prefill_time: PrefillTimeFn | None = None,
+        step_time: StepTimeFn | None = None,
+    ) -> None:
+        self.config = config
+        self.blocks = blocks
+        # Without a performance model, slack is just time to the deadline.
+        self.prefill_time = prefill_time or (lambda n: 0.0)
+        self.step_time = step_time
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue changes
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a request out (finished, aborted or moved away) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.blocks.release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one iteration
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        if self.config.policy == "vllm":
+            self._schedule_prefill_first(out)
+        else:
+            self._schedule_decode_first(out, now)
+        return out
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled tokens' K/V are now in the pool."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens = s.context_len + s.num_tokens
+
+    # ---- vllm
+    def _schedule_prefill_first(self, out: SchedulerOutput) -> None:
+        budget = self.config.max_model_len
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_uncomputed_tokens
+            if n > budget or not self.blocks.grow(seq, seq.num_tokens):
+                break  # FCFS: the head waits, and so does everyone behind it
+            self.waiting.pop(0)
+            self._start(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+        if out.scheduled:
+            return
+        self._schedule_decodes(out, self._fcfs_key)
+
+    # ---- sarathi, lp, hp
+    def _schedule_decode_first(self, out: SchedulerOutput, now: float) -> None:
+        policy = self.config.policy
+        key = self._fcfs_key if policy == "sarathi" else self._deadline_key
+        budget = self.config.chunk_size - self._schedule_decodes(out, key)
+        if policy == "hp" and self.step_time is not None:
+            budget = min(budget, self._latency_budget(out))
+
+        # Ongoing prefills hold blocks already: finish them before starting others.
+        ongoing = [s for s in self.running if not s.is_decoding]
+        ongoing.sort(key=key)
+        for seq in ongoing:
+            if budget <= 0:
+                return
+            n = min(seq.num_uncomputed_tokens, budget)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+
+        if policy == "sarathi":
+            candidates = list(self.waiting)  # FCFS: arrival order, no skipping
+        elif policy == "lp":
+            candidates = sorted(self.waiting, key=lambda s: self._slack_key(s, now))
+        else:
+            candidates = sorted(self.waiting, key=self._deadline_key)
+        for seq in candidates:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if not self.blocks.grow(seq, seq.num_tokens):
+                if policy == "sarathi":
+                    break
+                continue  # out-of-order policies try the next request
+            self.waiting.remove(seq)
+            self._start(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+
+    def _schedule_decodes(self, out: SchedulerOutput, key: Callable[[Sequence], float]) -> int:
+        """Schedule every running decode, preempting from the low-priority end for blocks."""
+        self.running.sort(key=key)
+        scheduled = 0
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if not seq.is_decoding:
+                i += 1
+                continue
+            while not self.blocks.grow(seq, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
+                scheduled += 1
+                i += 1
+                continue
+            break  # seq itself was preempted: it was the lowest priority left
+        return scheduled
+
+    def _latency_budget(self, out: SchedulerOutput) -> int:
+        """Largest prefill token count whose predicted step time fits the tightest TBT SLO."""
+        slos = [s.seq.tbt_slo for s in out.scheduled if s.seq.tbt_slo is not None]
+        if not slos or self.step_time is None:
+            return self.config.chunk_size
+        limit, decodes = min(slos), len(out.scheduled)
+        lo, hi = 0, self.config.chunk_size
+        while lo < hi:  # step time grows with prefill tokens: binary search the largest fit
+            mid = (lo + hi + 1) // 2
+            if self.step_time(mid, decodes) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # ---- helpers
+    def _start(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        self.blocks.release(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.insert(0, seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    @staticmethod
+    def _fcfs_key(seq: Sequence) -> float:
+        return seq.arrival_time
+
+    @staticmethod
+    def _deadline_key(seq: Sequence) -> tuple[float, float]:
+        return (seq.next_token_deadline, seq.arrival_time)
+
+    def _slack_key(self, seq: Sequence, now: float) -> tuple[int, float, float]:
+        deadline = seq.ttft_deadline
+        if math.isinf(deadline):
+            return (1, math.inf, seq.arrival_time)
+        slack = deadline - now - self.prefill_time(seq.num_uncomputed_tokens)
+        # Least slack first; requests that can no longer make it go after every hopeful one.
+        return (2 if slack < 0 else 0, slack, seq.arrival_time)

@@ -1,0 +1,180 @@
+"""``python -m ascendra.server``: start the coordinator and its workers, then serve HTTP.
+
+Startup: resolve the model once (building the local cache if needed), load the tokenizer,
+spawn one worker per instance and wait for each to register, then listen. SIGINT/SIGTERM:
+stop admitting, let in-flight requests finish for up to --drain-timeout seconds, end the
+rest, shut the workers down (killing stragglers), and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("ascendra.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ascendra.server",
+        description="Ascendra: OpenAI-compatible LLM server with SLO-aware multi-instance scheduling.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory, 'tiny' (random-weight test model), "
+                        "or leave out for the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--served-model-name", default=None,
+                   help="name reported by /v1/models and in responses (default: the model's name)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda (one worker per visible GPU: cuda:0..N-1), or cuda:K")
+    p.add_argument("--num-instances", type=int, default=None,
+                   help="worker processes (default: 1 on cpu, the GPU count with --device cuda)")
+    p.add_argument("--policy", choices=["vllm", "sarathi", "ascendra"], default="vllm",
+                   help="vllm/sarathi: all instances mixed, round-robin routing; "
+                        "ascendra: low-priority (LP) + high-priority (HP) instances")
+    p.add_argument("--num-hp", type=int, default=None,
+                   help="HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)")
+    p.add_argument("--ttft-slo", type=float, default=1.0,
+                   help="default time-to-first-token objective in seconds (per request: ttft_slo_ms)")
+    p.add_argument("--tbt-slo", type=float, default=0.15,
+                   help="default mean time-between-tokens objective in seconds (per request: tbt_slo_ms)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="admitted requests still waiting for their first token; beyond it the server "
+                        "answers 429 with Retry-After")
+    p.add_argument("--chunk-size", type=int, default=512, help="token budget per step for chunked prefill")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one worker's batch")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks per worker (default: the worker sizes its pool itself)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's limit)")
+    p.add_argument("--fake-model", action="store_true",
+                   help="workers emit tokens without running a model (for benchmarking the coordinator)")
+    p.add_argument("--fake-step-time", type=float, default=0.0,
+                   help="with --fake-model: seconds each fake iteration sleeps (0: as fast as possible)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed for the workers")
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before ending them")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds to wait for every worker to register")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging verbosity")
+    return p
+
+
+def _set_num_threads() -> None:
+    # The coordinator's tokenizer should not fight the workers for the few CPU cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from ascendra.api import API
+    from ascendra.coordinator import Coordinator, CoordinatorConfig, StartupError
+    from ascendra.models import ModelNotFound, resolve_model
+
+    try:
+        resolved = resolve_model(args.model)
+    except ModelNotFound as e:
+        log.error("%s", e)
+        return 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    config = CoordinatorConfig(
+        model_path=resolved.path,
+        model_name=args.served_model_name or resolved.name,
+        device=args.device,
+        num_instances=args.num_instances,
+        policy=args.policy,
+        num_hp=args.num_hp,
+        ttft_slo=args.ttft_slo,
+        tbt_slo=args.tbt_slo,
+        max_waiting=args.max_waiting,
+        chunk_size=args.chunk_size,
+        max_num_seqs=args.max_num_seqs,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        fake_model=args.fake_model,
+        fake_step_time=args.fake_step_time,
+        seed=args.seed,
+        startup_timeout=args.startup_timeout,
+    )
+    try:
+        coord = Coordinator(config, tokenizer)
+    except (StartupError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner: web.AppRunner | None = None
+    code = 0
+    try:
+        start = asyncio.create_task(coord.start())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([start, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            log.info("interrupted during startup")
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return 130
+        stopper.cancel()
+        start.result()  # raises StartupError
+
+        names = [config.model_name, resolved.name, resolved.path]
+        if args.model:
+            names.append(args.model)
+        api = API(coord, list(dict.fromkeys(names)))
+        runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
+        await site.start()
+        port = runner.addresses[0][1] if runner.addresses else args.port
+        # Tests and scripts wait for this exact line.
+        print(f"Ascendra serving {config.model_name} on http://{args.host}:{port} "
+              f"({len(coord.workers)} instance(s), policy {config.policy})", flush=True)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests (up to %.1fs)", args.drain_timeout)
+        await coord.drain(args.drain_timeout)
+        await asyncio.sleep(0.05)  # let handlers write the final events
+    except StartupError as e:
+        log.error("startup failed: %s", e)
+        code = 1
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await coord.shutdown()
+        log.info("shut down")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_num_threads()
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:
+        return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Workload generation: when each request is sent and how long its prompt and output are.
+
+Pure and seeded: the same arguments and seed always give the same requests, so different
+servers (or policies) see identical workloads. The only I/O is `load_trace`, which reads a
+file and hands its lines to the pure `parse_trace`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Sequence
+
+# Token ids used for synthetic prompts. Low ids hold special/control tokens in most
+# vocabularies and every common vocabulary (GPT-2, Llama 2/3, Mistral, Qwen, SmolLM) has
+# more than 20k ids, so this range is ordinary text tokens everywhere.
+PROMPT_ID_RANGE = (1000, 20000)
+
+# Common words that are one token each (with their leading space) in BPE vocabularies;
+# used for text prompts when a server rejects token-id prompts. Token counts are then
+# approximate; the server's usage tells the real count.
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at "
+    "which but have an had they you were their one all we can her has there been if more when "
+    "will would who so no she other its may these about them than some time into only new two "
+    "could first any after like over our also most made many before must well"
+).split()
+
+# Published ShareGPT statistics (vLLM paper, Kwon et al. SOSP'23, Table 1 / Fig. 11): mean
+# prompt 161 tokens, mean output 338 tokens. The spread (sigma) is our assumption, chosen for
+# the long tail ShareGPT shows; pairs are redrawn until prompt + output < 2048.
+SHAREGPT_PROMPT_MEAN = 161.0
+SHAREGPT_OUTPUT_MEAN = 338.0
+SHAREGPT_SIGMA_PROMPT = 1.0
+SHAREGPT_SIGMA_OUTPUT = 0.8
+SHAREGPT_MAX_TOTAL = 2048
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    index: int
+    arrival_s: float  # send offset from the start of the run
+    prompt_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    offset_s: float  # seconds since the first row
+    prompt_len: int
+    output_len: int
+
+
+# ------------------------------------------------------------------ traces
+
+
+def _parse_time(s: str) -> float:
+    """Azure TIMESTAMP ('2023-11-16 18:15:46.6805900', 7 fractional digits) or plain seconds."""
+    s = s.strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    date_part, _, frac = s.partition(".")
+    base = datetime.strptime(date_part, "%Y-%m-%d %H:%M:%S").timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def parse_trace(lines: Iterable[str]) -> list[TraceRow]:
+    """Parse an Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), sorted by time."""
+    it = iter(lines)
+    header = [h.strip() for h in next(it).split(",")]
+    try:
+        ti, pi, oi = (header.index(c) for c in ("TIMESTAMP", "ContextTokens", "GeneratedTokens"))
+    except ValueError as e:
+        raise ValueError(f"trace header {header} lacks TIMESTAMP/ContextTokens/GeneratedTokens") from e
+    raw: list[tuple[float, int, int]] = []
+    for line in it:
+        if not line.strip():
+            continue
+        cols = line.split(",")
+        raw.append((_parse_time(cols[ti]), int(cols[pi]), int(cols[oi])))
+    raw.sort(key=lambda x: x[0])
+    if not raw:
+        return []
+    t0 = raw[0][0]
+    return [TraceRow(t - t0, p, o) for t, p, o in raw]
+
+
+def load_trace(path: str | Path) -> list[TraceRow]:
+    with open(path, newline="") as f:
+        return parse_trace(f)
+
+
+def trace_rate(offsets: Sequence[float]) -> float:
+    """Mean request rate of a sequence of send offsets ((n - 1) / span)."""
+    if len(offsets) < 2 or offsets[-1] <= offsets[0]:
+        return math.inf
+    return (len(offsets) - 1) / (offsets[-1] - offsets[0])
+
+
+def rescale_times(offsets: Sequence[float], rate: float) -> list[float]:
+    """Stretch or squeeze offsets uniformly so their mean rate is `rate`. Relative timing
+    (bursts, lulls) is kept; the first request stays at 0."""
+    if not offsets:
+        return []
+    base = offsets[0]
+    if rate == math.inf:
+        return [0.0] * len(offsets)
+    own = trace_rate(offsets)
+    factor = 1.0 if own == math.inf else own / rate
+    return [(t - base) * factor for t in offsets]
+
+
+# ------------------------------------------------------------------ arrivals
+
+
+def unit_gaps(n: int, burstiness: float, rng: random.Random) -> list[float]:
+    """n inter-arrival gaps with mean 1: gamma with shape = burstiness (1 = Poisson).
+    Dividing by a rate gives that rate, so sweeps over rates share one random draw."""
+    if burstiness <= 0:
+        raise ValueError("burstiness must be > 0")
+    return [rng.gammavariate(burstiness, 1.0 / burstiness) for _ in range(n)]
+
+
+def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """Send offsets for n requests at `rate` req/s; the first one is sent at 0."""
+    if rate == math.inf:
+        return [0.0] * n
+    out, t = [], 0.0
+    for i, g in enumerate(unit_gaps(n, burstiness, rng)):
+        if i:
+            t += g / rate
+        out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------ lengths
+
+
+def fixed_lengths(n: int, prompt_len: int, output_len: int) -> list[tuple[int, int]]:
+    return [(prompt_len, output_len)] * n
+
+
+def uniform_lengths(n: int, prompt_len: int, output_len: int, range_ratio: float,
+                    rng: random.Random) -> list[tuple[int, int]]:
+    """Uniform in [x * (1 - r), x * (1 + r)] around the given means."""
+    def draw(x: int) -> int:
+        lo, hi = max(1, round(x * (1 - range_ratio))), max(1, round(x * (1 + range_ratio)))
+        return rng.randint(lo, hi)
+    return [(draw(prompt_len), draw(output_len)) for _ in range(n)]
+
+
+def _lognormal(rng: random.Random, m: float, sigma: float) -> int:
+    mu = math.log(m) - sigma * sigma / 2  # so that the mean is m
+    return max(1, round(rng.lognormvariate(mu, sigma)))
+
+
+def sharegpt_lengths(n: int, rng: random.Random,
+                     max_total: int = SHAREGPT_MAX_TOTAL) -> list[tuple[int, int]]:
+    out = []
+    while len(out) < n:
+        p = _lognormal(rng, SHAREGPT_PROMPT_MEAN, SHAREGPT_SIGMA_PROMPT)
+        o = _lognormal(rng, SHAREGPT_OUTPUT_MEAN, SHAREGPT_SIGMA_OUTPUT)
+        if p + o < max_total:
+            out.append((p, o))
+    return out
+
+
+def scale_lengths(pairs: Iterable[tuple[int, int]], prompt_scale: float = 1.0,
+                  output_scale: float = 1.0, max_prompt_len: int | None = None,
+                  max_output_len: int | None = None) -> list[tuple[int, int]]:
+    """Shrink lengths for slow hardware: multiply, then clip; never below 1 token."""
+    out = []
+    for p, o in pairs:
+        p2 = max(1, round(p * prompt_scale))
+        o2 = max(1, round(o * output_scale))
+        if max_prompt_len:
+            p2 = min(p2, max_prompt_len)
+        if max_output_len:
+            o2 = min(o2, max_output_len)
+        out.append((p2, o2))
+    return out
+
+
+# ------------------------------------------------------------------ whole workloads
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    dataset: str = "fixed"  # fixed | uniform | sharegpt | trace
+    num_requests: int | None = None
+    duration_s: float | None = None  # stop generating requests at this send time
+    rate: float | None = None  # None: the trace's own timing (required for synthetic sets)
+    burstiness: float = 1.0
+    arrivals: str = "auto"  # auto | trace | poisson (poisson covers gamma via burstiness)
+    prompt_len: int = 256
+    output_len: int = 64
+    range_ratio: float = 0.5
+    trace_start: int = 0  # first trace row to use
+    prompt_scale: float = 1.0
+    output_scale: float = 1.0
+    max_prompt_len: int | None = None
+    max_output_len: int | None = None
+    seed: int = 0
+
+
+DEFAULT_NUM_REQUESTS = 100
+
+
+def build_workload(cfg: WorkloadConfig, trace: Sequence[TraceRow] | None = None) -> list[RequestSpec]:
+    """The requests of one run, in send order."""
+    rng = random.Random(cfg.seed)
+    n = cfg.num_requests
+    if n is None and cfg.duration_s is None:
+        n = None if cfg.dataset == "trace" else DEFAULT_NUM_REQUESTS
+    use_trace_times = cfg.dataset == "trace" and cfg.arrivals in ("auto", "trace")
+
+    if cfg.dataset == "trace":
+        if trace is None:
+            raise ValueError("dataset 'trace' needs trace rows")
+        rows = list(trace[cfg.trace_start:])
+        if n is not None:
+            rows = rows[:n]
+        pairs = [(r.prompt_len, r.output_len) for r in rows]
+        if use_trace_times:
+            offs = [r.offset_s for r in rows]
+            times = rescale_times(offs, cfg.rate) if cfg.rate else [t - offs[0] for t in offs]
+            if cfg.duration_s is not None:
+                keep = sum(1 for t in times if t < cfg.duration_s)
+                pairs, times = pairs[:keep], times[:keep]
+    else:
+        if cfg.rate is None:
+            raise ValueError(f"dataset '{cfg.dataset}' needs --rate (use inf for all at once)")
+        if n is None:
+            # Enough draws to cover the duration; trimmed below.
+            n = (math.ceil(cfg.rate * cfg.duration_s * 3 + 20) if cfg.rate != math.inf
+                 else DEFAULT_NUM_REQUESTS)
+        if cfg.dataset == "fixed":
+            pairs = fixed_lengths(n, cfg.prompt_len, cfg.output_len)
+        elif cfg.dataset == "uniform":
+            pairs = uniform_lengths(n, cfg.prompt_len, cfg.output_len, cfg.range_ratio, rng)
+        elif cfg.dataset == "sharegpt":
+            pairs = sharegpt_lengths(n, rng)
+        else:
+            raise ValueError(f"unknown dataset {cfg.dataset!r}")
+
+    if not use_trace_times:
+        if cfg.rate is None:
+            raise ValueError("arrivals 'poisson' need --rate")
+        # Separate stream so lengths do not change when only the arrival process changes.
+        times = arrival_times(len(pairs), cfg.rate, cfg.burstiness, random.Random(cfg.seed + 1))
+        if cfg.duration_s is not None:
+            keep = sum(1 for t in times if t < cfg.duration_s)
+            pairs, times = pairs[:keep], times[:keep]
+
+    pairs = scale_lengths(pairs, cfg.prompt_scale, cfg.output_scale, cfg.max_prompt_len,
+                          cfg.max_output_len)
+    return [RequestSpec(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(times, pairs))]
+
+
+def with_rate(specs: Sequence[RequestSpec], rate: float) -> list[RequestSpec]:
+    """Same requests, send times rescaled to a new mean rate."""
+    times = rescale_times([s.arrival_s for s in specs], rate)
+    return [replace(s, arrival_s=t) for s, t in zip(specs, times)]
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def _prompt_rng(seed: int, index: int) -> random.Random:
+    # Per-request stream: a request's prompt depends only on (seed, index), not on the
+    # lengths of the requests before it.
+    return random.Random(seed * 1_000_003 + index)
+
+
+def prompt_token_ids(seed: int, index: int, length: int) -> list[int]:
+    rng = _prompt_rng(seed, index)
+    lo, hi = PROMPT_ID_RANGE
+    return [rng.randrange(lo, hi) for _ in range(length)]
+
+
+def prompt_text(seed: int, index: int, length: int) -> str:
+    """About `length` tokens of text (one common word per token)."""
+    rng = _prompt_rng(seed, index)
+    return "".join(" " + rng.choice(_WORDS) for _ in range(length)).lstrip()

@@ -1,0 +1,62 @@
+"""Drive a real worker process over ZeroMQ, the way the coordinator does (tests only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+from ascendra.messages import Register, StepOutput, WorkerMessage, encode, worker_decoder
+
+
+class WorkerDriver:
+    def __init__(self, model_path: str, *extra: str, worker_ids=(0,), parent_pid: int | None = None) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="ascendra-test-")
+        self.addr = f"ipc://{self.tmp}/coord.sock"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.addr)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.registrations: dict[int, Register] = {}
+        for wid in worker_ids:
+            cmd = [sys.executable, "-m", "workers", "--coordinator", self.addr, "--worker-id", str(wid),
+                   "--model", model_path, *extra]
+            if parent_pid is not None:
+                cmd += ["--parent-pid", str(parent_pid)]
+            self.procs[wid] = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def wait_registered(self, timeout: float = 120.0) -> dict[int, Register]:
+        deadline = time.monotonic() + timeout
+        while len(self.registrations) < len(self.procs):
+            msg = self.recv(deadline - time.monotonic())
+            assert isinstance(msg, Register), f"expected registration, got {msg!r}"
+            self.registrations[msg.worker_id] = msg
+        return self.registrations
+
+    def send(self, worker_id: int, msg) -> None:
+        self.sock.send_multipart([str(worker_id).encode(), encode(msg)])
+
+    def recv(self, timeout: float = 60.0) -> WorkerMessage:
+        if not self.sock.poll(max(0, int(timeout * 1000))):
+            raise TimeoutError("no message from the worker")
+        _, payload = self.sock.recv_multipart()
+        return worker_decoder.decode(payload)
+
+    def steps(self, timeout: float = 60.0):
+        while True:
+            msg = self.recv(timeout)
+            assert isinstance(msg, StepOutput), msg
+            yield msg
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        self.sock.close()
+        self.ctx.term()

@@ -1,0 +1,293 @@
+"""The worker process: one engine behind a ZeroMQ DEALER socket.
+
+Registers with the coordinator (model facts, pool handle, block counts), then loops:
+drain messages, run one iteration while there is work, send one StepOutput per iteration.
+Blocks on the socket when idle. Exits when told to, or when its coordinator goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import torch
+import zmq
+
+from ascendra.messages import (
+    AbortRequests,
+    AddRequest,
+    PoolHandle,
+    Register,
+    RequestOutput,
+    Shutdown,
+    StepOutput,
+    WorkerFailed,
+    coordinator_decoder,
+    encode,
+)
+from workers.engine import Engine, EngineConfig, StepResult
+from workers.kv_pool import PeerPool, copy_blocks
+
+log = logging.getLogger("ascendra.worker")
+
+IDLE_POLL_MS = 500  # how often an idle worker checks that its coordinator still exists
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m workers", description="Ascendra worker: one per GPU (or CPU instance).")
+    p.add_argument("--coordinator", required=True, help="ZeroMQ address of the coordinator's ROUTER socket")
+    p.add_argument("--worker-id", type=int, required=True, help="this worker's id; also its ZeroMQ identity")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--role", default="mixed", choices=["mixed", "lp", "hp"], help="instance role")
+    p.add_argument("--policy", default="sarathi", choices=["vllm", "sarathi", "lp", "hp"], help="local batch policy")
+    p.add_argument("--model", required=True, help="local model directory (resolved by the coordinator)")
+    p.add_argument("--model-name", default=None, help="name to report (default: the directory name)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides --kv-fraction)")
+    p.add_argument("--kv-fraction", type=float, default=None,
+                   help="size the pool as this fraction of device memory (default: 0.05 of RAM on CPU, "
+                        "0.85 of free GPU memory after the weights)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--chunk-size", type=int, default=512, help="token budget per iteration (sarathi, lp, hp)")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one batch")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (default: parent)")
+    p.add_argument("--fake-model", action="store_true", help="emit tokens without running the model")
+    p.add_argument("--fake-step-time", type=float, default=0.0, help="seconds each fake iteration sleeps")
+    p.add_argument("--seed", type=int, default=0, help="torch seed for unseeded sampling")
+    p.add_argument("--scatter-blocks", type=int, default=None, help="shuffle the free block list with this seed")
+    return p.parse_args(argv)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent dies; polling the parent pid backs this up."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    device = torch.device(args.device)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    if args.fake_model:
+        from workers.fake_runner import FakeRunner
+
+        runner = FakeRunner(args.model, name, args.max_model_len, args.fake_step_time)
+    else:
+        from workers.model_runner import ModelRunner
+
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        runner = ModelRunner(args.model, name, device, dtype, args.max_model_len)
+    num_blocks = args.num_blocks or _blocks_from_fraction(runner, args, device)
+    return Engine(
+        runner,
+        EngineConfig(
+            num_blocks=num_blocks,
+            block_size=args.block_size,
+            policy=args.policy,
+            chunk_size=args.chunk_size,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            scatter_seed=args.scatter_blocks,
+            share_pool=not args.fake_model,
+        ),
+    )
+
+
+def _blocks_from_fraction(runner, args: argparse.Namespace, device: torch.device) -> int:
+    if args.fake_model:
+        return 4096
+    per_block = runner.kv_bytes_per_token() * args.block_size
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * (args.kv_fraction or 0.85)
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = total * (args.kv_fraction or 0.05)
+    return max(1, int(budget // per_block))
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.worker_id = args.worker_id
+        self.parent_pid = args.parent_pid or os.getppid()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, str(args.worker_id).encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(args.coordinator)
+        self.engine: Engine | None = None
+        self.peers: dict[str, PeerPool] = {}
+        self.pending: list[RequestOutput] = []  # rejections and abort acks for the next message
+        self.step_id = 0
+        self.running = True
+
+    # ---- peer pools (escalation copies KV blocks straight out of another worker's pool)
+    def peer_pool(self, handle: PoolHandle) -> PeerPool:
+        key = f"{handle.kind}:{handle.name}:{hash(handle.ipc)}"
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = self.peers[key] = PeerPool(handle, torch.device(self.args.device))
+        return peer
+
+    def copy_from_peer(self, handle: PoolHandle, src_ids: list[int], dst_ids: list[int]) -> None:
+        assert self.engine is not None
+        copy_blocks(self.engine.pool.tensor, self.peer_pool(handle).tensor, src_ids, dst_ids)
+
+    # ---- main loop
+    def run(self) -> int:
+        try:
+            self.engine = build_engine(self.args)
+        except Exception as exc:
+            log.exception("worker %d failed to start", self.worker_id)
+            self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
+            return 1
+        self._send(self._registration())
+        last_check = time.monotonic()
+        try:
+            while self.running:
+                busy = self.engine.has_work()
+                if self.sock.poll(0 if busy else IDLE_POLL_MS):
+                    self._drain()
+                now = time.monotonic()
+                if now - last_check > IDLE_POLL_MS / 1000:
+                    last_check = now
+                    if not _alive(self.parent_pid):
+                        log.warning("coordinator %d is gone; worker %d exits", self.parent_pid, self.worker_id)
+                        return 0
+                if not self.running:
+                    break
+                if self.engine.has_work():
+                    self._send_step(self.engine.step())
+                elif self.pending:
+                    self._send_step(None)
+        except Exception as exc:
+            log.exception("worker %d crashed", self.worker_id)
+            self._send(WorkerFailed(self.worker_id, f"worker crashed: {exc!r}"))
+            return 1
+        finally:
+            self.close()
+        return 0
+
+    def _drain(self) -> None:
+        assert self.engine is not None
+        while True:
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = coordinator_decoder.decode(raw)
+            except msgspec.DecodeError as exc:
+                log.error("undecodable message dropped: %s", exc)
+                continue
+            if isinstance(msg, AddRequest):
+                rejected = self.engine.add_request(msg)
+                if rejected is not None:
+                    self.pending.append(rejected)
+            elif isinstance(msg, AbortRequests):
+                for rid in msg.request_ids:
+                    ack = self.engine.abort(rid)
+                    if ack is not None:
+                        self.pending.append(ack)
+            elif isinstance(msg, Shutdown):
+                self.running = False
+                return
+
+    def _send_step(self, result: StepResult | None) -> None:
+        assert self.engine is not None
+        outputs, self.pending = self.pending, []
+        if result is not None:
+            outputs.extend(result.outputs)
+        blocks = self.engine.blocks
+        self.step_id += 1
+        self._send(
+            StepOutput(
+                worker_id=self.worker_id,
+                step=self.step_id,
+                outputs=outputs,
+                num_seqs=len(result.sched.scheduled) if result else 0,
+                num_prefill_tokens=result.num_prefill_tokens if result else 0,
+                num_decode_tokens=result.num_decode_tokens if result else 0,
+                prefill_context_tokens=result.prefill_context_tokens if result else 0,
+                decode_context_tokens=result.decode_context_tokens if result else 0,
+                step_time=result.step_time if result else 0.0,
+                num_running=self.engine.num_running,
+                num_waiting=self.engine.num_waiting,
+                num_preempted=len(result.sched.preempted) if result else 0,
+                free_blocks=blocks.num_free,
+                total_blocks=blocks.num_blocks,
+                time=time.monotonic(),
+            )
+        )
+
+    def _registration(self) -> Register:
+        assert self.engine is not None
+        e, a = self.engine, self.args
+        return Register(
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            role=a.role,
+            policy=a.policy,
+            device=a.device,
+            model=e.runner.info,
+            pool=e.pool.handle(),
+            num_blocks=e.config.num_blocks,
+            block_size=e.config.block_size,
+            bytes_per_block=e.pool.bytes_per_block,
+            max_num_seqs=e.config.max_num_seqs,
+            chunk_size=e.config.chunk_size,
+        )
+
+    def _send(self, msg) -> None:
+        self.sock.send(encode(msg), copy=False)
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+        self.peers.clear()
+        if self.engine is not None:
+            self.engine.close()
+        self.sock.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ASCENDRA_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
+    _die_with_parent()
+    # SIGTERM / SIGINT unwind through `finally`, so the shared-memory pool is unlinked.
+    def _stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Worker(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
