@@ -17,7 +17,7 @@ from ascendra.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
-    _Common,
+    GenerationRequest,
     chat_messages,
     chat_response,
     completion_response,
@@ -37,8 +37,6 @@ _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-# Exceptions aiohttp raises when writing to a client that has gone.
-_GONE = (ConnectionResetError, ConnectionError, asyncio.CancelledError)
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -46,20 +44,8 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
 
 
 def error_response(err: APIError) -> web.Response:
-    headers = {"Retry-After": "1"} if err.status == 429 else None
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
     return json_response(err.to_json(), status=err.status, headers=headers)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except APIError as e:
-        return error_response(e)
-    except web.HTTPException as e:
-        if e.status >= 400 and request.path.startswith("/v1/"):
-            return error_response(APIError(e.reason, status=e.status, type="invalid_request_error", code=e.status))
-        raise
 
 
 class API:
@@ -70,8 +56,27 @@ class API:
         self.accepted_models = set(served_names)
         self.tokenizer = coordinator.tokenizer
 
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """APIError -> OpenAI-style JSON error; aiohttp's own 4xx under /v1 get the same shape."""
+        try:
+            return await handler(request)
+        except APIError as e:
+            if e.status in (400, 404):
+                self.coord.metrics.rejected.inc(1, "invalid")
+            return error_response(e)
+        except web.HTTPException as e:
+            if e.status >= 400 and request.path.startswith("/v1/"):
+                return error_response(APIError(e.reason, status=e.status, type="invalid_request_error", code=e.status))
+            raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away; nothing to answer
+        except Exception as e:
+            log.exception("unexpected error serving %s", request.path)
+            return error_response(APIError(f"Internal error: {e!r}", status=500, type="internal_server_error"))
+
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -129,7 +134,7 @@ class API:
         max_tokens = self._max_tokens(req, ids, default=None, param="messages")
         return await self._generate(request, req, ids, max_tokens, arrival, chat=True)
 
-    def _check_common(self, req: _Common) -> None:
+    def _check_common(self, req: GenerationRequest) -> None:
         validate_common(req)
         if req.model is not None and req.model not in self.accepted_models:
             raise APIError(f"The model `{req.model}` does not exist.", status=404, type="NotFoundError",
@@ -147,7 +152,7 @@ class API:
                 raise APIError(f"Token id {t} is out of vocabulary range [0, {vocab}).", param="prompt")
         return list(ids)
 
-    def _max_tokens(self, req: _Common, ids: list[int], default: int | None, param: str) -> int:
+    def _max_tokens(self, req: GenerationRequest, ids: list[int], default: int | None, param: str) -> int:
         limit = self._max_model_len()
         n = len(ids)
         if n == 0:
@@ -168,9 +173,18 @@ class API:
                 "Please reduce the length of the prompt or max_tokens.",
                 param="max_tokens", code="context_length_exceeded",
             )
+        # A request must fit in one worker's KV pool, or no worker could ever finish it.
+        capacity = self.coord.kv_capacity_tokens
+        if capacity is not None and n + req.max_tokens > capacity:
+            raise APIError(
+                f"The request needs up to {n + req.max_tokens} tokens of KV cache ({n} in the prompt, "
+                f"{req.max_tokens} for the completion) but a worker holds only {capacity} "
+                "(--num-blocks x --block-size). Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+            )
         return req.max_tokens
 
-    def _sampling(self, req: _Common, max_tokens: int) -> m.SamplingParams:
+    def _sampling(self, req: GenerationRequest, max_tokens: int) -> m.SamplingParams:
         top_k = req.top_k if req.top_k is not None else 0
         return m.SamplingParams(
             max_tokens=max_tokens,
@@ -184,7 +198,7 @@ class API:
         )
 
     async def _generate(
-        self, request: web.Request, req: _Common, ids: list[int], max_tokens: int, arrival: float, chat: bool
+        self, request: web.Request, req: GenerationRequest, ids: list[int], max_tokens: int, arrival: float, chat: bool
     ) -> web.StreamResponse:
         coord = self.coord
         rid = new_id("chatcmpl" if chat else "cmpl")

@@ -243,15 +243,21 @@ class Coordinator:
         self.model_info: m.ModelInfo | None = None
         self.accepting = False
         self.shutting_down = False
+        self.startup_done = False
         self._tmpdir = tempfile.mkdtemp(prefix="ascendra-coord-")
-        self.address = f"ipc://{self._tmpdir}/coordinator.sock"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.bind(self.address)
+        ipc_path = os.path.join(self._tmpdir, "coordinator.sock")
+        if len(ipc_path) < 100:  # Unix socket paths are limited to ~107 bytes
+            self.address = f"ipc://{ipc_path}"
+            self._sock.bind(self.address)
+        else:
+            port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+            self.address = f"tcp://127.0.0.1:{port}"
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ startup
@@ -273,6 +279,9 @@ class Coordinator:
             "--parent-pid", str(os.getpid()),
             "--seed", str(c.seed),
         ]
+        if w.device == "cpu" and not c.fake_model:
+            # Split the cores between CPU workers instead of letting each torch take all of them.
+            cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(self.workers)))]
         if c.num_blocks is not None:
             cmd += ["--num-blocks", str(c.num_blocks)]
         if c.max_model_len is not None:
@@ -300,6 +309,11 @@ class Coordinator:
         except asyncio.TimeoutError:
             missing = [w.worker_id for w in self.workers if not w.alive]
             raise StartupError(f"workers {missing} did not register within {self.config.startup_timeout:.0f}s") from None
+        finally:
+            self.startup_done = True
+            for f in pending:  # mark failures seen, so asyncio does not warn about them later
+                if f.done() and not f.cancelled():
+                    f.exception()
         self.accepting = True
         info = self.model_info
         assert info is not None
@@ -312,7 +326,7 @@ class Coordinator:
         w.exit_code = code
         w.exited.set()
         self._cleanup_shm(w)
-        if w.registered is not None and not w.registered.done():
+        if w.registered is not None and not w.registered.done() and not self.startup_done:
             w.registered.set_exception(StartupError(f"worker {w.worker_id} exited with code {code} before registering"))
         if not self.shutting_down or w.requests:
             self._worker_down(w, f"worker {w.worker_id} (pid {w.pid}) exited with code {code}")
@@ -600,6 +614,13 @@ class Coordinator:
             return False
 
     # ------------------------------------------------------------ status
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the smallest live worker's KV pool can hold (None before registration)."""
+        caps = [w.register.num_blocks * w.register.block_size for w in self.workers
+                if w.register is not None and w.alive]
+        return min(caps) if caps else None
 
     @property
     def healthy(self) -> bool:

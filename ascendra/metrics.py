@@ -147,7 +147,7 @@ class ServerMetrics:
             LATENCY_BUCKETS,
         )
         self.mean_tbt = Histogram(
-            "request_mean_time_per_output_token_seconds", "Per request: (last - first token) / (n - 1).", ITL_BUCKETS
+            "request_time_per_output_token_seconds", "Per request mean gap between output tokens: (last - first) / (n - 1).", ITL_BUCKETS
         )
         self.success = Counter(
             "request_success_total", "Finished requests by finish reason.", ("finished_reason",),

@@ -73,7 +73,7 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class _Common(msgspec.Struct, kw_only=True):
+class GenerationRequest(msgspec.Struct, kw_only=True):
     """Sampling and extension fields shared by both endpoints."""
 
     model: str | None = None
@@ -101,7 +101,7 @@ class _Common(msgspec.Struct, kw_only=True):
     tbt_slo_ms: float | None = None
 
 
-class CompletionRequest(_Common, kw_only=True):
+class CompletionRequest(GenerationRequest, kw_only=True):
     prompt: str | list[int | str | list[int]]
 
 
@@ -116,7 +116,7 @@ class ChatMessage(msgspec.Struct):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Common, kw_only=True):
+class ChatCompletionRequest(GenerationRequest, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
@@ -140,7 +140,7 @@ def decode_request(body: bytes, cls: type) -> Any:
         raise APIError(f"Request body is not valid JSON: {e}", param=None) from None
 
 
-def validate_common(req: _Common) -> None:
+def validate_common(req: GenerationRequest) -> None:
     """Value checks msgspec's types cannot express. Raises APIError naming the field."""
     if req.n != 1:
         raise APIError("Only n=1 is supported.", param="n")

@@ -53,11 +53,12 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens computed this step
     context_len: int  # tokens already in the pool before this step
+    # True when this step reaches the end of the known tokens, so a new one is sampled.
+    # Fixed at scheduling time: the sequence grows once the step's token is appended.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so a new one is sampled."""
-        return self.context_len + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.context_len + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass

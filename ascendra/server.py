@@ -18,14 +18,24 @@ import sys
 log = logging.getLogger("ascendra.server")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" unless the help already explains the default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ascendra.server",
         description="Ascendra: OpenAI-compatible LLM server with SLO-aware multi-instance scheduling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one")
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory, 'tiny' (random-weight test model), "
                         "or leave out for the embedded SmolLM2-135M-Instruct")
@@ -41,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-hp", type=int, default=None,
                    help="HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)")
     p.add_argument("--ttft-slo", type=float, default=1.0,
-                   help="default time-to-first-token objective in seconds (per request: ttft_slo_ms)")
+                   help="time-to-first-token objective in seconds for requests that set no ttft_slo_ms")
     p.add_argument("--tbt-slo", type=float, default=0.15,
-                   help="default mean time-between-tokens objective in seconds (per request: tbt_slo_ms)")
+                   help="mean time-between-tokens objective in seconds for requests that set no tbt_slo_ms")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="admitted requests still waiting for their first token; beyond it the server "
                         "answers 429 with Retry-After")
@@ -74,6 +84,21 @@ def _set_num_threads() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def load_tokenizer(path: str):
+    """The model's tokenizer, without importing torch when a tokenizer.json is there.
+
+    (AutoTokenizer's import pulls in torch: seconds of startup and memory the coordinator
+    does not need.)
+    """
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -86,9 +111,7 @@ async def serve(args: argparse.Namespace) -> int:
     except ModelNotFound as e:
         log.error("%s", e)
         return 2
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    tokenizer = load_tokenizer(resolved.path)
     config = CoordinatorConfig(
         model_path=resolved.path,
         model_name=args.served_model_name or resolved.name,
@@ -156,6 +179,7 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             await runner.cleanup()
+            log.debug("HTTP server closed")
         await coord.shutdown()
         log.info("shut down")
     return code

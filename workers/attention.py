@@ -74,8 +74,8 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
         else:
             total = chunk.context_len + chunk.num_tokens
-            kc = k_cache[chunk.block_ids].reshape(-1, kv_heads, head_dim)[:total]
-            vc = v_cache[chunk.block_ids].reshape(-1, kv_heads, head_dim)[:total]
+            kc = k_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, head_dim)[:total]
+            vc = v_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, head_dim)[:total]
             kc = kc.transpose(0, 1).unsqueeze(0)
             vc = vc.transpose(0, 1).unsqueeze(0)
             # Query i sits at position context_len + i and sees keys 0..context_len + i.
@@ -85,10 +85,10 @@ def paged_attention(
         out[rows] = o.squeeze(0).transpose(0, 1)
     if meta.num_decodes:
         rows = slice(meta.decode_start, meta.decode_start + meta.num_decodes)
-        bt = meta.decode_block_table
+        flat = meta.decode_block_table.flatten()  # index_select is far cheaper than 2-D indexing on CPU
         b = meta.num_decodes
-        kd = k_cache[bt].reshape(b, -1, kv_heads, head_dim).transpose(1, 2)  # [b, kvh, L, d]
-        vd = v_cache[bt].reshape(b, -1, kv_heads, head_dim).transpose(1, 2)
+        kd = k_cache.index_select(0, flat).view(b, -1, kv_heads, head_dim).transpose(1, 2)  # [b, kvh, L, d]
+        vd = v_cache.index_select(0, flat).view(b, -1, kv_heads, head_dim).transpose(1, 2)
         qd = q[rows].unsqueeze(2)  # [b, heads, 1, d]
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(2)
