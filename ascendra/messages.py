@@ -62,7 +62,62 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-CoordinatorMessage = AddRequest | AbortRequests | Shutdown
+class RequestState(msgspec.Struct, frozen=True):
+    """Everything a worker needs to continue a request another worker started."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_computed_tokens: int  # tokens whose K/V the source holds
+    sampling: SamplingParams
+    arrival_time: float
+    ttft_slo: float | None = None
+    tbt_slo: float | None = None
+    first_token_time: float | None = None
+    rng_state: bytes = b""  # the per-request generator of seeded sampling
+
+
+# Escalation with KV (Llumnix-style pre-copy), every step driven by the coordinator:
+#   source  <- MigrateOut     : snapshot the full blocks (held by an extra reference), keep running
+#   dest    <- MigrateIn      : reserve blocks and copy the snapshot from the source's pool
+#   source  <- MigrateFreeze  : stop scheduling the request, report its final state
+#   dest    <- MigrateCommit  : copy the remaining blocks, continue the request
+#   source  <- MigrateRelease : free everything the request held
+# MigrateCancel undoes whatever the receiving side holds (the source resumes the request).
+# A request that has not started moves without KV: MigrateOut answers stage "moved".
+
+
+class MigrateOut(msgspec.Struct, tag="migrate_out", frozen=True):
+    request_id: str
+
+
+class MigrateIn(msgspec.Struct, tag="migrate_in", frozen=True):
+    request_id: str
+    source: KVSource
+
+
+class MigrateFreeze(msgspec.Struct, tag="migrate_freeze", frozen=True):
+    request_id: str
+
+
+class MigrateCommit(msgspec.Struct, tag="migrate_commit", frozen=True):
+    request_id: str
+    state: RequestState
+    source: KVSource  # every block holding the state's computed tokens
+
+
+class MigrateRelease(msgspec.Struct, tag="migrate_release", frozen=True):
+    request_id: str
+
+
+class MigrateCancel(msgspec.Struct, tag="migrate_cancel", frozen=True):
+    request_id: str
+
+
+CoordinatorMessage = (
+    AddRequest | AbortRequests | Shutdown
+    | MigrateOut | MigrateIn | MigrateFreeze | MigrateCommit | MigrateRelease | MigrateCancel
+)
 
 
 # ---------------------------------------------------------------- worker -> coordinator
@@ -109,6 +164,8 @@ class Register(msgspec.Struct, tag="register", frozen=True):
     bytes_per_block: int
     max_num_seqs: int
     chunk_size: int
+    # Step-time model fitted on this device (see ascendra.perf_model); empty if not profiled.
+    perf_model: list[float] = []
 
 
 class RequestOutput(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -118,6 +175,22 @@ class RequestOutput(msgspec.Struct, frozen=True, omit_defaults=True):
     finish_reason: str | None = None
     error: str | None = None  # human-readable reason when finish_reason == "error"
     num_prompt_tokens: int = 0
+
+
+class MigrationUpdate(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A worker's answer to a Migrate* message.
+
+    stage: "snapshot" | "moved" | "precopied" | "frozen" | "committed" | "released"
+    | "cancelled" | "gone" (the request is no longer here) | "failed" (see error).
+    """
+
+    request_id: str
+    stage: str
+    source: KVSource | None = None  # snapshot / frozen: the blocks to copy
+    state: RequestState | None = None  # moved / frozen
+    error: str | None = None
+    blocks_copied: int = 0
+    copy_time: float = 0.0  # seconds spent copying blocks on the destination
 
 
 class StepOutput(msgspec.Struct, tag="step", frozen=True):
@@ -138,6 +211,9 @@ class StepOutput(msgspec.Struct, tag="step", frozen=True):
     free_blocks: int
     total_blocks: int
     time: float  # monotonic time at which the step finished
+    # sum over prefill chunks of new tokens x attended tokens: the quadratic attention term
+    prefill_attention_pairs: int = 0
+    migrations: list[MigrationUpdate] = []
 
 
 class WorkerFailed(msgspec.Struct, tag="failed", frozen=True):

@@ -115,6 +115,20 @@ class Scheduler:
             self.blocks.release(seq)
         seq.status = SeqStatus.FINISHED
 
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling seq but keep its blocks (a migration is copying them)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def attach(self, seq: Sequence) -> None:
+        """Take in a request whose blocks are already allocated (resumed or migrated in)."""
+        if seq.block_table:
+            self._start(seq)
+        else:
+            self.add(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -163,6 +177,10 @@ class Scheduler:
             if budget <= 0:
                 return
             n = min(seq.num_uncomputed_tokens, budget)
+            # Blocks usually came with admission; a request migrated mid-prefill brings only
+            # the blocks it had filled.
+            if not self.blocks.grow(seq, seq.num_computed_tokens + n):
+                continue
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
             budget -= n
 

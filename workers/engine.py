@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ascendra.block_manager import BlockManager, blocks_for
-from ascendra.messages import AddRequest, RequestOutput
+from ascendra.messages import AddRequest, RequestOutput, RequestState
 from ascendra.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ascendra.sequence import Sequence
 from workers.kv_pool import KVPool
@@ -28,6 +28,7 @@ class StepResult:
     decode_context_tokens: int = 0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    prefill_attention_pairs: int = 0
 
 
 @dataclass
@@ -69,20 +70,44 @@ class Engine:
         if error is not None:
             return RequestOutput(req.request_id, finish_reason="error", error=error,
                                  num_prompt_tokens=len(req.prompt_token_ids))
-        seq = Sequence(
-            req.request_id, req.prompt_token_ids, req.sampling, req.arrival_time,
-            req.ttft_slo, req.tbt_slo,
-        )
-        if req.sampling.seed is not None:
-            g = torch.Generator(device=self.runner.device)
-            g.manual_seed(req.sampling.seed)
-            self._generators[req.request_id] = g
-        self.requests[req.request_id] = seq
+        seq = self._new_sequence(req.request_id, req.prompt_token_ids, req.output_token_ids, req.sampling,
+                                 req.arrival_time, req.ttft_slo, req.tbt_slo, req.first_token_time)
         self.scheduler.add(seq)
         return None
 
+    def restore(self, state: RequestState, block_table: list[int]) -> Sequence:
+        """Continue a request another worker started; its K/V are already in ``block_table``."""
+        seq = self._new_sequence(state.request_id, state.prompt_token_ids, state.output_token_ids,
+                                 state.sampling, state.arrival_time, state.ttft_slo, state.tbt_slo,
+                                 state.first_token_time, state.rng_state)
+        seq.block_table = block_table
+        seq.num_computed_tokens = state.num_computed_tokens
+        self.scheduler.attach(seq)
+        return seq
+
+    def _new_sequence(self, rid, prompt, outputs, sampling, arrival, ttft_slo, tbt_slo,
+                      first_token_time, rng_state: bytes = b"") -> Sequence:
+        seq = Sequence(rid, prompt, sampling, arrival, ttft_slo, tbt_slo)
+        seq.token_ids.extend(outputs)
+        seq.first_token_time = first_token_time
+        if sampling.seed is not None:
+            g = torch.Generator(device=self.runner.device)
+            if rng_state:
+                g.set_state(torch.frombuffer(bytearray(rng_state), dtype=torch.uint8))
+            else:
+                g.manual_seed(sampling.seed)
+            self._generators[rid] = g
+        self.requests[rid] = seq
+        return seq
+
+    def generator(self, request_id: str) -> torch.Generator | None:
+        return self._generators.get(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
     def _check(self, req: AddRequest) -> str | None:
-        n = len(req.prompt_token_ids)
+        n = len(req.prompt_token_ids) + len(req.output_token_ids)
         if req.request_id in self.requests:
             return f"request id {req.request_id!r} is already running on this worker"
         if n == 0:
@@ -95,7 +120,7 @@ class Engine:
             return f"prompt token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})"
         if req.sampling.max_tokens <= 0:
             return "max_tokens must be at least 1"
-        longest = min(n + req.sampling.max_tokens, self.max_model_len)
+        longest = min(len(req.prompt_token_ids) + req.sampling.max_tokens, self.max_model_len)
         need = blocks_for(longest, self.config.block_size)
         if need > self.config.num_blocks:
             return (f"request needs up to {need} KV blocks ({longest} tokens) but this "
@@ -134,6 +159,7 @@ class Engine:
             else:
                 result.num_prefill_tokens += s.num_tokens
                 result.prefill_context_tokens += s.context_len + s.num_tokens
+                result.prefill_attention_pairs += s.num_tokens * (s.context_len + s.num_tokens)
         start = time.perf_counter()
         try:
             tokens = self._forward(sched)

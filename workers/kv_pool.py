@@ -55,6 +55,7 @@ class KVPool:
         self.bytes_per_block = numel // num_blocks * itemsize
         self._shm: shared_memory.SharedMemory | None = None
         self._ipc = b""
+        self._handle: PoolHandle | None = None
         if device.type == "cpu" and shareable:
             name = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=numel * itemsize)
@@ -72,6 +73,11 @@ class KVPool:
         return self.tensor[i, 0], self.tensor[i, 1]
 
     def handle(self) -> PoolHandle:
+        if self._handle is None:
+            self._handle = self._make_handle()
+        return self._handle
+
+    def _make_handle(self) -> PoolHandle:
         if self._shm is not None:
             kind, name = "shm", self._shm.name
         elif self._ipc:

@@ -22,6 +22,13 @@ import zmq
 from ascendra.messages import (
     AbortRequests,
     AddRequest,
+    MigrateCancel,
+    MigrateCommit,
+    MigrateFreeze,
+    MigrateIn,
+    MigrateOut,
+    MigrateRelease,
+    MigrationUpdate,
     PoolHandle,
     Register,
     RequestOutput,
@@ -32,7 +39,8 @@ from ascendra.messages import (
     encode,
 )
 from workers.engine import Engine, EngineConfig, StepResult
-from workers.kv_pool import PeerPool, copy_blocks
+from workers.kv_pool import PeerPool
+from workers.migration import Migrations
 
 log = logging.getLogger("ascendra.worker")
 
@@ -140,6 +148,8 @@ class Worker:
         self.engine: Engine | None = None
         self.peers: dict[str, PeerPool] = {}
         self.pending: list[RequestOutput] = []  # rejections and abort acks for the next message
+        self.pending_migrations: list[MigrationUpdate] = []
+        self.migrations: Migrations | None = None
         self.step_id = 0
         self.running = True
 
@@ -151,14 +161,12 @@ class Worker:
             peer = self.peers[key] = PeerPool(handle, torch.device(self.args.device))
         return peer
 
-    def copy_from_peer(self, handle: PoolHandle, src_ids: list[int], dst_ids: list[int]) -> None:
-        assert self.engine is not None
-        copy_blocks(self.engine.pool.tensor, self.peer_pool(handle).tensor, src_ids, dst_ids)
 
     # ---- main loop
     def run(self) -> int:
         try:
             self.engine = build_engine(self.args)
+            self.migrations = Migrations(self.engine, self.worker_id)
         except Exception as exc:
             log.exception("worker %d failed to start", self.worker_id)
             self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
@@ -178,6 +186,8 @@ class Worker:
                         return 0
                 if not self.running:
                     break
+                if self.pending_migrations:
+                    self._send_step(None)  # answer migrations now: the request is waiting on them
                 if self.engine.has_work():
                     self._send_step(self.engine.step())
                 elif self.pending:
@@ -209,15 +219,43 @@ class Worker:
             elif isinstance(msg, AbortRequests):
                 for rid in msg.request_ids:
                     ack = self.engine.abort(rid)
+                    if self.migrations.abort(rid) and ack is None:
+                        ack = RequestOutput(rid, finish_reason="abort")
                     if ack is not None:
                         self.pending.append(ack)
             elif isinstance(msg, Shutdown):
                 self.running = False
                 return
+            else:
+                self.pending_migrations.append(self._migrate(msg))
+
+    def _migrate(self, msg) -> MigrationUpdate:
+        m = self.migrations
+        assert m is not None
+        try:
+            if isinstance(msg, MigrateOut):
+                return m.migrate_out(msg.request_id)
+            if isinstance(msg, MigrateIn):
+                return m.migrate_in(msg.request_id, msg.source, self.peer_pool(msg.source.pool).tensor)
+            if isinstance(msg, MigrateFreeze):
+                return m.freeze(msg.request_id)
+            if isinstance(msg, MigrateCommit):
+                return m.commit(msg.state, msg.source, self.peer_pool(msg.source.pool).tensor)
+            if isinstance(msg, MigrateRelease):
+                return m.release(msg.request_id)
+            if isinstance(msg, MigrateCancel):
+                m.cancel_out(msg.request_id)
+                return m.cancel_in(msg.request_id)
+        except Exception as exc:  # a broken peer mapping must not take the worker down
+            log.exception("migration step %s failed", type(msg).__name__)
+            m.abort(msg.request_id)
+            return MigrationUpdate(msg.request_id, "failed", error=f"{type(msg).__name__} failed: {exc!r}")
+        raise TypeError(f"unexpected message {msg!r}")
 
     def _send_step(self, result: StepResult | None) -> None:
         assert self.engine is not None
         outputs, self.pending = self.pending, []
+        migrations, self.pending_migrations = self.pending_migrations, []
         if result is not None:
             outputs.extend(result.outputs)
         blocks = self.engine.blocks
@@ -239,6 +277,8 @@ class Worker:
                 free_blocks=blocks.num_free,
                 total_blocks=blocks.num_blocks,
                 time=time.monotonic(),
+                prefill_attention_pairs=result.prefill_attention_pairs if result else 0,
+                migrations=migrations,
             )
         )
 
@@ -267,6 +307,8 @@ class Worker:
         for peer in self.peers.values():
             peer.close()
         self.peers.clear()
+        if self.migrations is not None:
+            self.migrations.close()
         if self.engine is not None:
             self.engine.close()
         self.sock.close()

@@ -1,0 +1,156 @@
+"""Both ends of a KV migration, on top of an engine (see the protocol in ascendra.messages).
+
+The source keeps decoding while the destination copies the blocks filled so far; only
+the last few blocks are copied while the request is frozen. Every path out (commit,
+cancel, the request finishing or being aborted meanwhile) gives back every block.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ascendra.block_manager import blocks_for
+from ascendra.messages import KVSource, MigrationUpdate, RequestState
+from ascendra.sequence import Sequence, SeqStatus
+from workers.engine import Engine
+from workers.kv_pool import copy_blocks
+
+
+class Migrations:
+    def __init__(self, engine: Engine, worker_id: int) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.snapshots: dict[str, list[int]] = {}  # source: blocks held by an extra reference
+        self.frozen: dict[str, Sequence] = {}  # source: requests paused for the final copy
+        self.incoming: dict[str, tuple[list[int], int]] = {}  # dest: (blocks, tokens) pre-copied
+
+    # ---------------------------------------------------------------- source side
+    def migrate_out(self, rid: str) -> MigrationUpdate:
+        e = self.engine
+        seq = e.requests.get(rid)
+        if seq is None:
+            return MigrationUpdate(rid, "gone")
+        if not seq.has_started and seq.status is SeqStatus.WAITING:
+            # Nothing computed yet: hand the request over as a request.
+            state = self._state(seq)
+            e.requests.pop(rid)
+            e.scheduler.remove(seq)
+            e.forget(rid)
+            return MigrationUpdate(rid, "moved", state=state)
+        full = seq.num_computed_tokens // e.blocks.block_size
+        snap = seq.block_table[:full]
+        e.blocks.incref(snap)
+        self._drop_snapshot(rid)
+        self.snapshots[rid] = snap
+        return MigrationUpdate(rid, "snapshot", source=self._source(snap, full * e.blocks.block_size))
+
+    def freeze(self, rid: str) -> MigrationUpdate:
+        e = self.engine
+        seq = e.requests.pop(rid, None)
+        if seq is None:
+            self._drop_snapshot(rid)
+            return MigrationUpdate(rid, "gone")
+        e.scheduler.detach(seq)
+        self.frozen[rid] = seq
+        n = seq.num_computed_tokens
+        blocks = seq.block_table[: blocks_for(n, e.blocks.block_size)]
+        return MigrationUpdate(rid, "frozen", state=self._state(seq), source=self._source(blocks, n))
+
+    def release(self, rid: str) -> MigrationUpdate:
+        """The destination has the request: free what the source still held for it."""
+        self._drop_snapshot(rid)
+        seq = self.frozen.pop(rid, None)
+        if seq is not None:
+            self.engine.blocks.release(seq)
+            self.engine.forget(rid)
+        return MigrationUpdate(rid, "released")
+
+    def cancel_out(self, rid: str) -> MigrationUpdate:
+        """The migration was abandoned: the source goes on serving the request."""
+        self._drop_snapshot(rid)
+        seq = self.frozen.pop(rid, None)
+        if seq is not None:
+            self.engine.requests[rid] = seq
+            self.engine.scheduler.attach(seq)
+        return MigrationUpdate(rid, "cancelled")
+
+    # ---------------------------------------------------------------- destination side
+    def migrate_in(self, rid: str, source: KVSource, peer: torch.Tensor) -> MigrationUpdate:
+        e = self.engine
+        n = len(source.block_ids)
+        # Room for the snapshot plus the blocks still to come, and a block to grow into.
+        if n + 2 > e.blocks.num_free or rid in e.requests or rid in self.incoming:
+            return MigrationUpdate(rid, "failed", error=f"no room: {e.blocks.num_free} blocks free, need {n + 2}")
+        blocks = e.blocks.allocate(n)
+        start = time.perf_counter()
+        copy_blocks(e.pool.tensor, peer, source.block_ids, blocks)
+        self.incoming[rid] = (blocks, source.num_tokens)
+        return MigrationUpdate(rid, "precopied", blocks_copied=n, copy_time=time.perf_counter() - start)
+
+    def commit(self, state: RequestState, source: KVSource, peer: torch.Tensor) -> MigrationUpdate:
+        e = self.engine
+        rid = state.request_id
+        pre_blocks, pre_tokens = self.incoming.pop(rid, ([], 0))
+        bs = e.blocks.block_size
+        need = blocks_for(state.num_computed_tokens, bs)
+        # Pre-copied blocks are reusable only while they lie inside the computed prefix (a
+        # request preempted on the source meanwhile has fewer computed tokens).
+        keep = pre_blocks[: min(len(pre_blocks), state.num_computed_tokens // bs)]
+        e.blocks.free(pre_blocks[len(keep):])
+        missing = need - len(keep)
+        if missing + 1 > e.blocks.num_free:
+            e.blocks.free(keep)
+            return MigrationUpdate(rid, "failed", error="no room for the last blocks")
+        rest = e.blocks.allocate(missing)
+        start = time.perf_counter()
+        copy_blocks(e.pool.tensor, peer, source.block_ids[len(keep):need], rest)
+        copy_time = time.perf_counter() - start
+        seq = e.restore(state, keep + rest)
+        seq.num_computed_tokens = state.num_computed_tokens
+        return MigrationUpdate(rid, "committed", blocks_copied=missing, copy_time=copy_time)
+
+    def cancel_in(self, rid: str) -> MigrationUpdate:
+        blocks, _ = self.incoming.pop(rid, ([], 0))
+        self.engine.blocks.free(blocks)
+        return MigrationUpdate(rid, "cancelled")
+
+    # ---------------------------------------------------------------- helpers
+    def abort(self, rid: str) -> bool:
+        """Drop whatever this side holds for rid (the request was aborted); True if anything."""
+        held = rid in self.snapshots or rid in self.frozen or rid in self.incoming
+        self._drop_snapshot(rid)
+        seq = self.frozen.pop(rid, None)
+        if seq is not None:
+            self.engine.blocks.release(seq)
+            self.engine.forget(rid)
+        self.cancel_in(rid)
+        return held
+
+    def close(self) -> None:
+        for rid in list(self.snapshots) + list(self.frozen) + list(self.incoming):
+            self.abort(rid)
+
+    def _drop_snapshot(self, rid: str) -> None:
+        snap = self.snapshots.pop(rid, None)
+        if snap:
+            self.engine.blocks.free(snap)
+
+    def _source(self, blocks: list[int], num_tokens: int) -> KVSource:
+        return KVSource(self.worker_id, self.engine.pool.handle(), list(blocks), num_tokens)
+
+    def _state(self, seq: Sequence) -> RequestState:
+        gen = self.engine.generator(seq.request_id)
+        return RequestState(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=seq.output_token_ids,
+            num_computed_tokens=seq.num_computed_tokens,
+            sampling=seq.sampling,
+            arrival_time=seq.arrival_time,
+            ttft_slo=seq.ttft_slo,
+            tbt_slo=seq.tbt_slo,
+            first_token_time=seq.first_token_time,
+            rng_state=bytes(gen.get_state().numpy().tobytes()) if gen is not None else b"",
+        )
