@@ -279,7 +279,8 @@ async def probe(session: aiohttp.ClientSession, cfg: ClientConfig, model: str,
             for rti in rtis:
                 caps = ServerCaps(prompt_mode=mode, extensions=ext, token_ids=rti)
                 body = make_body(cfg, caps, model, -1, 1, 2)
-                body.pop("ttft_slo_ms", None), body.pop("tbt_slo_ms", None)
+                body.pop("ttft_slo_ms", None)
+                body.pop("tbt_slo_ms", None)
                 r = RequestResult(index=-1, prompt_len=1, output_len=2, scheduled_s=0.0)
                 state.probe_requests += 1
                 try:
@@ -295,6 +296,10 @@ async def probe(session: aiohttp.ClientSession, cfg: ClientConfig, model: str,
                         caps.notes.append("server accepted ignore_eos but stopped early")
                     if rti and not caps.token_ids:
                         caps.notes.append("return_token_ids not honoured; recording text")
+                    if mode == "text":
+                        caps.notes.append("text prompts: lengths approximate (usage has the real counts)")
+                    if not ext:
+                        caps.notes.append("no ignore_eos/min_tokens: outputs may end before max_tokens")
                     if rejected:
                         caps.notes.append("rejected: " + " | ".join(rejected))
                     return caps
@@ -377,6 +382,9 @@ async def run(specs: Sequence[RequestSpec], cfg: ClientConfig, state: RunState,
                 waiter = asyncio.create_task(aborted.wait())
                 await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us
+            state.abort_reason = state.abort_reason or "interrupted"
+            raise
         finally:
             for t in list(tasks):
                 t.cancel()

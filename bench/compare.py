@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -277,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long between points for the server to go idle")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests after each start")
     p.add_argument("--slo-scale", type=float, default=5.0,
-                   help="without --ttft-slo/--tbt-slo: SLO = this x unloaded TTFT / TBT, measured "
-                        "once on the first policy's server")
+                   help="without --ttft-slo/--tbt-slo: SLO = this x unloaded TTFT / mean TBT of a "
+                        "p90-length prompt, measured once on the first policy's server")
     p.add_argument("--check-outputs", action="store_true",
                    help="greedy runs; compare each request's output across policies")
     p.add_argument("--force", action="store_true", help="reuse --out even if its config differs")
@@ -288,16 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def server_cmd(a: argparse.Namespace, policy: str, port: int) -> list[str]:
+def server_cmd(a: argparse.Namespace, policy: str, port: int, slo: dict | None) -> list[str]:
     cmd = a.server_cmd.format(python=shlex.quote(sys.executable), port=port, model=a.model,
                               num_instances=a.num_instances, policy=policy)
-    return shlex.split(cmd) + shlex.split(a.server_args)
+    extra = []
+    if slo is not None and a.server_cmd == DEFAULT_SERVER_CMD:
+        # Our server's defaults, for requests that do not carry their own SLO fields.
+        extra = ["--ttft-slo", f"{slo['ttft_s']:.6g}", "--tbt-slo", f"{slo['tbt_s']:.6g}"]
+    return shlex.split(cmd) + extra + shlex.split(a.server_args)
 
 
 def calibrate(a: argparse.Namespace, specs: Sequence[RequestSpec], base_url: str) -> dict:
-    """Unloaded latency: a few requests one at a time, at the workload's lengths."""
-    n = min(5, len(specs))
-    probe_specs = [RequestSpec(s.index, 0.0, s.prompt_len, s.output_len) for s in specs[:n]]
+    """Unloaded latency, one request at a time, of a p90-length prompt of the workload (so
+    that its long prompts can meet the TTFT SLO too) with the median output length."""
+    prompt = round(metrics.percentile([s.prompt_len for s in specs], 90))
+    output = max(8, round(metrics.percentile([s.output_len for s in specs], 50)))
+    probe_specs = [RequestSpec(100_000 + i, 0.0, prompt, output) for i in range(3)]
     cfg = ClientConfig(base_url=base_url, timeout_s=a.timeout, max_concurrency=1, seed=a.seed,
                        prompt_mode=a.prompt_mode)
     res = execute(probe_specs, cfg, progress=False)
@@ -307,8 +314,93 @@ def calibrate(a: argparse.Namespace, specs: Sequence[RequestSpec], base_url: str
     ttft = metrics.percentile([r["ttft_s"] for r in reqs], 50)
     tbt = metrics.percentile([r["mean_tbt_s"] for r in reqs if r["mean_tbt_s"] is not None], 50) or ttft
     return {"ttft_s": a.slo_scale * ttft, "tbt_s": a.slo_scale * tbt,
-            "source": f"{a.slo_scale:g}x unloaded (TTFT {ttft:.3f}s, TBT {tbt:.4f}s)",
-            "unloaded_ttft_s": ttft, "unloaded_tbt_s": tbt}
+            "source": f"{a.slo_scale:g}x unloaded latency of a {prompt}-token prompt "
+                      f"(TTFT {ttft:.3f}s, TBT {tbt:.4f}s)",
+            "unloaded_ttft_s": ttft, "unloaded_tbt_s": tbt, "calibration_prompt_len": prompt,
+            "calibration_output_len": output}
+
+
+@dataclass
+class Sweep:
+    """State of one comparison: what is measured so far and what is left."""
+
+    a: argparse.Namespace
+    out: Path
+    policies: list[str]
+    rates: list[float]
+    trace: list | None
+    slo: dict | None
+    results: dict[str, dict[float, dict]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def specs_at(self, rate: float) -> list[RequestSpec]:
+        # Same seed at every rate: same lengths and prompts, arrival times scaled.
+        return build_workload(workload_config(self.a, rate), self.trace)
+
+    def below_floor(self, p: str, r: float) -> bool:
+        """Attainment already fell under --stop-below at a lower rate: skip r."""
+        return any(rr < r and res["summary"]["attainment"] < self.a.stop_below
+                   for rr, res in self.results[p].items())
+
+    def missing(self, p: str) -> list[float]:
+        return [r for r in self.rates if r not in self.results[p]]
+
+    def todo(self, p: str) -> list[float]:
+        return [r for r in self.missing(p) if not self.below_floor(p, r)]
+
+    def client_config(self, base_url: str) -> ClientConfig:
+        a = self.a
+        return ClientConfig(
+            base_url=base_url, timeout_s=a.timeout, temperature=0.0 if a.check_outputs else a.temperature,
+            seed=a.seed, send_slo=True, ttft_slo_s=self.slo["ttft_s"], tbt_slo_s=self.slo["tbt_s"],
+            record_outputs=a.check_outputs or a.record_output_ids, max_concurrency=a.max_concurrency,
+            abort_after=a.abort_after, prompt_mode=a.prompt_mode, extensions=not a.no_ignore_eos)
+
+    def run_policy(self, p: str, bar) -> None:
+        """Start p's server, measure its missing points, stop it. KeyboardInterrupt passes
+        through; server trouble raises RuntimeError."""
+        from tqdm import tqdm
+
+        a = self.a
+        port = free_port()
+        with ServerProcess(server_cmd(a, p, port, self.slo), port, self.out / "logs" / f"{p}.log") as srv:
+            bar.set_description(f"sweep: starting {p}")
+            srv.wait_healthy(a.startup_timeout)
+            base = self.specs_at(1.0)
+            if a.warmup and base:
+                warm = [RequestSpec(-1 - i, 0.0, min(16, base[0].prompt_len), 4) for i in range(a.warmup)]
+                execute(warm, ClientConfig(base_url=srv.base_url, timeout_s=a.timeout, max_concurrency=1,
+                                           prompt_mode=a.prompt_mode), progress=False)
+            if self.slo is None:
+                self.slo = calibrate(a, base, srv.base_url)
+                write_json(str(self.out / "slo.json"), self.slo)
+                tqdm.write(f"SLOs: TTFT {self.slo['ttft_s']:.3f}s, TBT {self.slo['tbt_s']:.4f}s "
+                           f"({self.slo['source']}, on {p})", file=sys.stderr)
+            for r in self.rates:
+                if r in self.results[p]:
+                    continue
+                if self.below_floor(p, r):
+                    bar.update(1)
+                    continue
+                bar.set_description(f"sweep: {p} @ {r:g} req/s")
+                wait_idle(srv.base_url, a.drain_timeout)
+                res = execute(self.specs_at(r), self.client_config(srv.base_url), progress=True,
+                              desc=f"{p}@{r:g}", position=1)
+                if res["interrupted"]:
+                    raise KeyboardInterrupt
+                res["policy"], res["rate"] = p, r
+                self.results[p][r] = res
+                write_json(str(point_path(self.out, p, r)), res)
+                bar.update(1)
+                s = res["summary"]
+                tqdm.write(f"{p:>9} @ {r:g} req/s: attainment {s['attainment']:.1%}, completed "
+                           f"{s['completed']}/{s['num_requests']}"
+                           + (f", error: {res['error']}" if res["error"] else ""), file=sys.stderr)
+                if res["error"] and s["sent"] < s["num_requests"]:
+                    # The server died or stopped answering: the point is kept (its failures
+                    # are real), the policy's higher rates are not measured.
+                    raise RuntimeError(f"{p} server failed at {r:g} req/s: {res['error']}\n"
+                                       f"last log lines:\n{srv.log_tail()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,19 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
     rates = sorted(float(r) for r in a.rates.split(","))
-    trace = load_trace_for(a)
-    # One set of requests, rescaled per rate: same lengths and prompts at every point.
-    base = build_workload(workload_config(a, 1.0), trace)
 
-    def specs_at(rate: float) -> list[RequestSpec]:
-        return build_workload(workload_config(a, rate), trace)
-
+    # Everything that changes what a point measures; rates and policies may be added later.
     config = {k: getattr(a, k) for k in (
-        "model", "num_instances", "policies", "server_cmd", "server_args", "dataset", "trace",
-        "trace_start", "arrivals", "burstiness", "num_requests", "duration", "prompt_len",
-        "output_len", "range_ratio", "prompt_scale", "output_scale", "max_prompt_len",
-        "max_output_len", "seed", "max_concurrency", "timeout", "prompt_mode", "check_outputs",
-        "ttft_slo", "tbt_slo", "slo_scale")}
+        "model", "num_instances", "server_cmd", "server_args", "dataset", "trace", "trace_start",
+        "arrivals", "burstiness", "num_requests", "duration", "prompt_len", "output_len",
+        "range_ratio", "prompt_scale", "output_scale", "max_prompt_len", "max_output_len", "seed",
+        "max_concurrency", "timeout", "prompt_mode", "check_outputs", "ttft_slo", "tbt_slo", "slo_scale")}
     cfg_path = out / "config.json"
     old = load_point(cfg_path)
     if old is not None and old != json.loads(json.dumps(config)) and not a.force:
@@ -341,94 +427,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     write_json(str(cfg_path), config)
 
-    slo_path = out / "slo.json"
-    slo = load_point(slo_path)
+    slo = load_point(out / "slo.json")
     if a.ttft_slo is not None and a.tbt_slo is not None:
         slo = {"ttft_s": a.ttft_slo, "tbt_s": a.tbt_slo, "source": "given"}
-
-    results: dict[str, dict[float, dict]] = {p: {} for p in policies}
-    todo: dict[str, list[float]] = {}
+    sweep = Sweep(a, out, policies, rates, load_trace_for(a), slo)
     for p in policies:
-        for r in rates:
-            res = load_point(point_path(out, p, r))
-            if res is not None:
-                results[p][r] = res
-        todo[p] = [r for r in rates if r not in results[p]]
+        sweep.results[p] = {r: res for r in rates if (res := load_point(point_path(out, p, r))) is not None}
 
-    def below_floor(p: str, r: float) -> bool:
-        # Once attainment fell under --stop-below at a lower rate, higher rates are skipped.
-        return any(rr < r and res["summary"]["attainment"] < a.stop_below for rr, res in results[p].items())
-
-    total = sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, desc="sweep", unit="point", position=0, file=sys.stderr, dynamic_ncols=True)
-    interrupted = failed_any = False
+    bar = tqdm(total=sum(len(sweep.missing(p)) for p in policies), desc="sweep", unit="point", position=0,
+               file=sys.stderr, dynamic_ncols=True)
+    interrupted = False
     try:
         for p in policies:
-            if not [r for r in todo[p] if not below_floor(p, r)] and slo is not None:
-                bar.update(len(todo[p]))
+            if not sweep.todo(p):
+                bar.update(len(sweep.missing(p)))
                 continue
-            port = free_port()
-            with ServerProcess(server_cmd(a, p, port), port, out / "logs" / f"{p}.log") as srv:
-                bar.set_description(f"sweep: starting {p}")
-                srv.wait_healthy(a.startup_timeout)
-                if a.warmup:
-                    warm = [RequestSpec(-1 - i, 0.0, min(16, base[0].prompt_len), 4) for i in range(a.warmup)]
-                    execute(warm, ClientConfig(base_url=srv.base_url, timeout_s=a.timeout,
-                                               max_concurrency=1, prompt_mode=a.prompt_mode), progress=False)
-                if slo is None:
-                    slo = calibrate(a, base, srv.base_url)
-                    write_json(str(slo_path), slo)
-                    tqdm.write(f"SLOs from unloaded latency on {p}: TTFT {slo['ttft_s']:.3f}s, "
-                               f"TBT {slo['tbt_s']:.4f}s ({slo['source']})", file=sys.stderr)
-                for r in todo[p]:
-                    if below_floor(p, r):
-                        bar.update(1)
-                        continue
-                    bar.set_description(f"sweep: {p} @ {r:g} req/s")
-                    wait_idle(srv.base_url, a.drain_timeout)
-                    cfg = ClientConfig(
-                        base_url=srv.base_url, timeout_s=a.timeout, temperature=a.temperature,
-                        seed=a.seed, send_slo=True, ttft_slo_s=slo["ttft_s"], tbt_slo_s=slo["tbt_s"],
-                        record_outputs=a.check_outputs or a.record_output_ids,
-                        max_concurrency=a.max_concurrency, abort_after=a.abort_after,
-                        prompt_mode=a.prompt_mode, extensions=not a.no_ignore_eos)
-                    res = execute(specs_at(r), cfg, progress=True, desc=f"{p}@{r:g}", position=1)
-                    if res["interrupted"]:
-                        raise KeyboardInterrupt
-                    res["policy"], res["rate"] = p, r
-                    results[p][r] = res
-                    write_json(str(point_path(out, p, r)), res)
-                    s = res["summary"]
-                    tqdm.write(f"{p:>9} @ {r:g} req/s: attainment {s['attainment']:.1%}, "
-                               f"completed {s['completed']}/{s['num_requests']}"
-                               + (f", error: {res['error']}" if res["error"] else ""), file=sys.stderr)
-                    bar.update(1)
-                    if res["error"] and s["sent"] < s["num_requests"]:
-                        # The server died or stopped answering: keep the point, move on.
-                        failed_any = True
-                        tqdm.write(f"error: {p} server failed at {r:g} req/s; skipping its higher "
-                                   f"rates. Last log lines:\n{srv.log_tail()}", file=sys.stderr)
-                        break
+            try:
+                sweep.run_policy(p, bar)
+            except RuntimeError as e:  # never healthy, calibration failed, died mid-sweep
+                sweep.errors[p] = str(e).splitlines()[0]
+                tqdm.write(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True
         tqdm.write("interrupted: saved points are kept; run the same command to resume", file=sys.stderr)
-    except RuntimeError as e:  # a server that never became healthy, failed calibration
-        tqdm.write(f"error: {e}", file=sys.stderr)
-        failed_any = True
     finally:
         bar.close()
 
-    summary = summarize_sweep(results, policies, rates, slo, a.threshold, config)
+    summary = summarize_sweep(sweep.results, policies, rates, sweep.slo, a.threshold, config)
+    summary["errors"] = sweep.errors
     if a.check_outputs:
-        summary["output_check"] = check_outputs(results, policies)
+        summary["output_check"] = check_outputs(sweep.results, policies)
     write_json(str(out / "summary.json"), summary)
     (out / "summary.md").write_text(markdown(summary))
     if summary["points"]:
         plot(summary, out / "attainment.png")
     print(markdown(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'attainment.png'}", file=sys.stderr)
-    print(json.dumps({"capacity_rps": summary["capacity_rps"], "complete": not interrupted}))
-    return 1 if interrupted or failed_any else 0
+    print(json.dumps({"capacity_rps": summary["capacity_rps"], "complete": not interrupted and not sweep.errors}))
+    return 1 if interrupted or sweep.errors else 0
 
 
 def summarize_sweep(results: dict[str, dict[float, dict]], policies: Sequence[str], rates: Sequence[float],

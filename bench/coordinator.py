@@ -75,7 +75,8 @@ async def bench_tokens(base: str, concurrency: int, requests: int, max_tokens: i
             nonlocal total
             while queue:
                 queue.pop()
-                total += await stream_one(s, url, max_tokens)
+                n = await stream_one(s, url, max_tokens)  # not `total += await`: that would race
+                total += n
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -113,9 +114,10 @@ def main() -> int:
     p.add_argument("--num-instances", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--fake-step-time", type=float, default=0.01,
-                   help="seconds per fake worker step (keeps workers off the coordinator's CPU)")
-    p.add_argument("--stream-concurrency", type=int, default=256)
-    p.add_argument("--stream-requests", type=int, default=512)
+                   help="seconds per fake worker step: at 10 ms each stream gets one token per SSE event, "
+                        "like a real deployment (and the workers stay off the coordinator's CPU)")
+    p.add_argument("--stream-concurrency", type=int, default=512)
+    p.add_argument("--stream-requests", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--request-concurrency", type=int, default=64)
     p.add_argument("--requests", type=int, default=3000)

@@ -206,7 +206,9 @@ def result_dict(state: RunState, cfg: ClientConfig, error: str | None, interrupt
             "prompt_mode": caps.prompt_mode if caps else None,
             "ignore_eos": caps.extensions if caps else None,
             "output_token_ids": caps.token_ids if caps else None,
-            "token_counts_from": ("usage" if caps.usage else "chunks") if caps else None,
+            # From what the requests actually carried, not from the probe alone.
+            "token_counts_from": ("usage" if any(r.prompt_tokens is not None for r in state.results)
+                                  else "chunks") if any(r.success for r in state.results) else None,
             "notes": caps.notes if caps else [],
             "probe_requests": state.probe_requests,
             "probe_output_tokens": state.probe_output_tokens,
@@ -249,12 +251,11 @@ def format_table(result: dict) -> str:
         ("Request throughput (req/s):", _num(s["request_throughput_rps"])),
         ("Output token throughput (tok/s):", _num(s["output_tok_s"])),
         ("Total token throughput (tok/s):", _num(s["total_tok_s"])),
-        (f"SLO attainment (TTFT<={s['ttft_slo_s']:g}s, TBT<={s['tbt_slo_s']:g}s):",
+        (f"SLO attainment (TTFT<={s['ttft_slo_s']:.3g}s,TBT<={s['tbt_slo_s']:.3g}s):",
          _num(s["attainment"], ".3f")),
         ("SLO attainment, p99-TBT variant:", _num(s["attainment_p99_tbt"], ".3f")),
         ("Goodput (req/s):", _num(s["goodput_rps"])),
-        ("Prompts sent as:", f"{srv['prompt_mode']}"
-                             f"{' + ignore_eos' if srv['ignore_eos'] else ' (no ignore_eos: lengths approximate)'}"),
+        ("Prompts sent as:", f"{srv['prompt_mode']}{' + ignore_eos' if srv['ignore_eos'] else ''}"),
         ("Token counts from:", str(srv["token_counts_from"])),
         " Time to First Token ",
         ("Mean TTFT (ms):", _ms(s["ttft_mean_s"])),
@@ -279,9 +280,9 @@ def format_table(result: dict) -> str:
             fill = "=" if row == rows[0] else "-"
             lines.append(f"{row:{fill}^60}")
         else:
-            lines.append(f"{row[0]:<46}{row[1]:>14}")
+            lines.append(f"{row[0]:<38}{row[1]:>22}")
     for reason, n in s["failure_reasons"].items():
-        lines.append(f"{'  failed, ' + reason + ':':<46}{n:>14}")
+        lines.append(f"{'  failed, ' + reason + ':':<38}{n:>22}")
     lines.append("=" * 60)
     return "\n".join(lines)
 

@@ -49,11 +49,14 @@ class StubServer:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/health", lambda r: web.Response(text="ok"))
+        app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/completions", self.completions)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.cfg.model, "object": "model"}]})
@@ -143,7 +146,7 @@ class StubServer:
 async def start(cfg: StubConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, StubServer, int]:
     """Start in the current event loop; returns (runner, server, bound port)."""
     server = StubServer(cfg)
-    runner = web.AppRunner(server.app(), handle_signals=False)
+    runner = web.AppRunner(server.app(), handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

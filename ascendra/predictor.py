@@ -1,0 +1,255 @@
+"""Ascendra's coordinator policy: route, predict who is about to miss, escalate them.
+
+Pure code (no I/O, no clock reads, no torch): the server and the simulator drive it with
+the times they measured or simulated.
+
+- Routing: new requests go to the least-loaded LP instance, or straight to an HP instance
+  while it holds a "ticket" (no escalated work queued, under half its seats used, over 10%
+  of its blocks free, and a predicted first token inside the request's TTFT objective).
+- Prediction, after every LP step: the LP serves waiting prompts least-slack-first in
+  chunks of (chunk_size - decodes) tokens, so a request's first token comes after the
+  prompt tokens ahead of it in that order; each step takes the performance model's
+  prediction for that batch. A decoding request's mean TBT is projected from the gaps so
+  far plus the predicted LP step for its remaining tokens.
+- Escalation: a request predicted to miss goes to the HP instance with the most headroom,
+  if that instance is predicted to meet the objective. The safety margin is the model's
+  own recent p90 relative error, not a per-model constant. Started requests move with
+  their KV (``escalate_started``; off reproduces the paper's code, which only moves
+  requests that have not started).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ascendra.block_manager import blocks_for
+from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
+from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
+
+
+@dataclass
+class _Req:
+    request_id: str
+    instance_id: int
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    ttft_slo: float | None
+    tbt_slo: float | None
+    n_out: int = 0
+    first: float | None = None
+    last: float | None = None
+    migrating: bool = False
+    dst: int | None = None  # where an escalation in flight is taking it
+    retry_after: float = -math.inf  # after a failed escalation, wait before trying again
+
+    @property
+    def ttft_deadline(self) -> float:
+        return math.inf if self.ttft_slo is None else self.arrival + self.ttft_slo
+
+
+@dataclass
+class _Instance:
+    perf: PerfModel
+    chunk_size: int = 512
+    max_num_seqs: int = 128
+    block_size: int = 16
+    decodes: int = 0
+    decode_context: int = 0
+    incoming: int = 0  # escalations in flight towards this instance
+
+
+class AscendraPolicy(Policy):
+    name = "ascendra"
+
+    def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
+                 max_incoming_per_hp: int = 2, retry_delay: float = 0.5) -> None:
+        super().__init__(specs)
+        self.escalate_started = escalate_started
+        self.max_incoming = max_incoming_per_hp
+        self.retry_delay = retry_delay
+        self.state = {s.instance_id: _Instance(PerfModel()) for s in specs}
+        self.reqs: dict[str, _Req] = {}
+
+    # ------------------------------------------------------------------ setup and events
+    def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int,
+                           max_num_seqs: int, block_size: int = 16) -> None:
+        st = self.state[instance_id]
+        if perf_coef:
+            st.perf = PerfModel.from_list(perf_coef)
+        st.chunk_size, st.max_num_seqs, st.block_size = chunk_size, max_num_seqs, block_size
+
+    def route(self, req: RouteRequest) -> int | None:
+        now = req.arrival_time
+        hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, req.arrival_time + (req.ttft_slo or math.inf),
+                           req.tbt_slo, now, started=False, new_request=True)
+        if hp is not None:
+            return hp
+        inst = least_loaded([i for i in self.instances if i.role == "lp"])
+        if inst is None:  # every LP instance is gone: HP instances still serve
+            inst = least_loaded([i for i in self.instances if i.role == "hp"])
+        return inst.instance_id if inst is not None else None
+
+    def on_dispatch(self, instance_id: int, req: RouteRequest) -> None:
+        super().on_dispatch(instance_id, req)
+        self.reqs[req.request_id] = _Req(req.request_id, instance_id, req.num_prompt_tokens, req.max_tokens,
+                                         req.arrival_time, req.ttft_slo, req.tbt_slo)
+
+    def on_tokens(self, request_id: str, n_new: int, now: float) -> None:
+        r = self.reqs.get(request_id)
+        if r is None or n_new <= 0:
+            return
+        if r.first is None:
+            r.first = now
+            self.on_first_token(request_id)
+        r.n_out += n_new
+        r.last = now
+
+    def on_finish(self, request_id: str) -> None:
+        super().on_finish(request_id)
+        r = self.reqs.pop(request_id, None)
+        if r is not None:
+            self._incoming_done(r)
+
+    def on_migrated(self, request_id: str, dst: int, now: float) -> None:
+        r = self.reqs.get(request_id)
+        if r is None:
+            return
+        self._incoming_done(r)
+        r.migrating = False
+        t = self._requests.get(request_id)
+        if t is not None:  # move the router's bookkeeping with the request
+            old, new = self.instances[t.instance_id], self.instances[dst]
+            old.num_assigned -= 1
+            new.num_assigned += 1
+            if not t.started:
+                old.num_unstarted -= 1
+                old.unstarted_prompt_tokens -= t.num_prompt_tokens
+                new.num_unstarted += 1
+                new.unstarted_prompt_tokens += t.num_prompt_tokens
+            t.instance_id = dst
+        r.instance_id = dst
+
+    def on_migration_failed(self, request_id: str, now: float) -> None:
+        r = self.reqs.get(request_id)
+        if r is None:
+            return
+        self._incoming_done(r)
+        r.migrating = False
+        r.retry_after = now + self.retry_delay
+
+    def on_step(self, instance_id: int, step: StepStats) -> list[Escalation]:
+        self._record_step(instance_id, step)
+        st = self.state[instance_id]
+        num_seqs = getattr(step, "num_seqs", 0)
+        if num_seqs:
+            st.decodes = getattr(step, "num_decode_tokens", 0)
+            st.decode_context = getattr(step, "decode_context_tokens", 0)
+            shape = BatchShape(getattr(step, "num_prefill_tokens", 0), getattr(step, "prefill_attention_pairs", 0),
+                               st.decodes, st.decode_context)
+            st.perf.observe(shape, getattr(step, "step_time", 0.0))
+        elif step.num_running == 0:
+            st.decodes, st.decode_context = 0, 0
+        if self.instances[instance_id].role != "lp":
+            return []
+        return self._escalations(instance_id, step.time)
+
+    # ------------------------------------------------------------------ prediction
+    def predicted_first_token(self, instance_id: int, now: float) -> dict[str, float]:
+        """When each request on this instance that has no token yet should get its first one."""
+        st = self.state[instance_id]
+        waiting = [r for r in self.reqs.values()
+                   if r.instance_id == instance_id and r.first is None and not r.migrating]
+        # The LP order: least slack first, hopeless ones last (as the lp scheduler does).
+        def key(r: _Req):
+            slack = r.ttft_deadline - now - st.perf.prefill_time(r.prompt_tokens)
+            return (slack < 0, slack, r.arrival)
+
+        waiting.sort(key=key)
+        budget = max(st.chunk_size - st.decodes, 1)
+        step = st.perf.step_time(budget, st.decodes, st.decode_context)
+        out, ahead = {}, 0
+        for r in waiting:
+            ahead += r.prompt_tokens
+            steps = math.ceil(ahead / budget)
+            out[r.request_id] = now + steps * step
+        return out
+
+    def projected_mean_tbt(self, r: _Req, instance_id: int) -> float | None:
+        if r.first is None or r.last is None or r.n_out < 2 or r.max_tokens <= 1:
+            return None
+        st = self.state[instance_id]
+        prefill = st.chunk_size - st.decodes if self.instances[instance_id].num_waiting else 0
+        step = st.perf.step_time(max(prefill, 0), st.decodes, st.decode_context)
+        remaining = max(r.max_tokens - r.n_out, 0)
+        return (r.last - r.first + remaining * step) / (r.max_tokens - 1)
+
+    def _escalations(self, instance_id: int, now: float) -> list[Escalation]:
+        st = self.state[instance_id]
+        margin = 1.0 + st.perf.error_quantile(0.9)
+        at_risk: list[tuple[float, _Req, str]] = []
+        for rid, t_first in self.predicted_first_token(instance_id, now).items():
+            r = self.reqs[rid]
+            started = self._requests.get(rid) is not None and r.n_out > 0
+            if r.ttft_slo is None or now < r.retry_after or (started and not self.escalate_started):
+                continue
+            # Predicted wait stretched by the model's recent error: a miss we can still avoid.
+            if now + (t_first - now) * margin > r.ttft_deadline and now < r.ttft_deadline:
+                at_risk.append((r.ttft_deadline, r, "ttft"))
+        if self.escalate_started:
+            for r in self.reqs.values():
+                if r.instance_id != instance_id or r.migrating or r.tbt_slo is None or now < r.retry_after:
+                    continue
+                projected = self.projected_mean_tbt(r, instance_id)
+                if projected is not None and projected * margin > r.tbt_slo and r.max_tokens - r.n_out >= 4:
+                    at_risk.append((r.last + r.tbt_slo, r, "tbt"))
+        at_risk.sort(key=lambda x: x[0])
+        out: list[Escalation] = []
+        for deadline, r, why in at_risk:
+            dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
+                                started=r.first is not None)
+            if dst is None:
+                continue
+            r.migrating, r.dst = True, dst
+            self.state[dst].incoming += 1
+            out.append(Escalation(r.request_id, instance_id, dst, why))
+        return out
+
+    def _best_hp(self, prompt: int, n_out: int, max_tokens: int, ttft_deadline: float, tbt_slo: float | None,
+                 now: float, started: bool, new_request: bool = False) -> int | None:
+        best, best_headroom = None, -math.inf
+        for inst in self.instances:
+            if inst.role != "hp" or not inst.alive:
+                continue
+            st = self.state[inst.instance_id]
+            if st.incoming >= self.max_incoming:
+                continue
+            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2):
+                continue  # the ticket: new work only while HP has nothing escalated queued
+            need = blocks_for(min(prompt + max_tokens, prompt + n_out + 64), st.block_size)
+            if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
+                continue
+            if inst.num_running >= st.max_num_seqs:
+                continue
+            decodes = st.decodes + (1 if started else 0)
+            step = st.perf.step_time(0 if started else min(prompt, st.chunk_size), decodes + 1, st.decode_context + prompt + n_out)
+            if not started:
+                # HP serves its own queue earliest-deadline-first; count all of it as ahead.
+                queued = inst.unstarted_prompt_tokens + prompt
+                t_first = now + math.ceil(queued / max(st.chunk_size - st.decodes, 1)) * step
+                if t_first > ttft_deadline:
+                    continue
+                headroom = ttft_deadline - t_first
+            else:
+                if tbt_slo is not None and step > tbt_slo:
+                    continue
+                headroom = (tbt_slo or 1.0) - step
+            if headroom > best_headroom:
+                best, best_headroom = inst.instance_id, headroom
+        return best
+
+    def _incoming_done(self, r: _Req) -> None:
+        if r.dst is not None:
+            self.state[r.dst].incoming -= 1
+            r.dst = None

@@ -1,0 +1,145 @@
+"""Ascendra's predictor and escalation decisions, as pure code with a known performance model."""
+
+from types import SimpleNamespace
+
+from ascendra.messages import MigrationUpdate, RequestState, SamplingParams, KVSource, PoolHandle
+from ascendra.migrator import Migrator
+from ascendra.predictor import AscendraPolicy
+from ascendra.router import Escalation, RouteRequest, plan_instances
+
+# 10 ms a step plus 1 ms per prefill token and 0.5 ms per decode.
+COEF = [0.010, 0.001, 0.0, 0.0005, 0.0]
+
+
+def make_policy(**kw):
+    specs = plan_instances("ascendra", 2, 1)  # instance 0 LP, instance 1 HP
+    pol = AscendraPolicy(specs, **kw)
+    for s in specs:
+        pol.set_alive(s.instance_id, True)
+        pol.configure_instance(s.instance_id, COEF, chunk_size=256, max_num_seqs=8)
+    return pol
+
+
+def step(iid, now, running=0, waiting=0, free=900, total=1000, **kw):
+    fields = dict(worker_id=iid, num_running=running, num_waiting=waiting, free_blocks=free, total_blocks=total,
+                  time=now, step_time=0.0, num_seqs=0, num_prefill_tokens=0, num_decode_tokens=0,
+                  prefill_context_tokens=0, decode_context_tokens=0, prefill_attention_pairs=0)
+    fields.update(kw)
+    return SimpleNamespace(**fields)
+
+
+def busy_hp(pol, now):
+    """Give the HP enough running requests that it has no ticket for new ones."""
+    for i in range(4):
+        rr = RouteRequest(f"hp{i}", 10, 100, now)
+        pol.on_dispatch(1, rr)
+        pol.on_tokens(f"hp{i}", 1, now)
+    pol.on_step(1, step(1, now, running=4))
+
+
+def test_tight_ttft_is_escalated_loose_is_not():
+    """A slow LP (250 decodes leave 6 prompt tokens a step): the tight request moves, the loose stays."""
+    for ttft, expect in ((1.0, True), (30.0, False)):
+        pol = make_policy()
+        now = 100.0
+        busy_hp(pol, now)
+        req = RouteRequest("urgent", 100, 20, now, ttft_slo=ttft)
+        assert pol.route(req) == 0  # HP holds no ticket: the request lands on the LP
+        pol.on_dispatch(0, req)
+        lp_step = step(0, now + 0.01, running=250, num_seqs=250, num_decode_tokens=250,
+                       decode_context_tokens=250 * 300, step_time=0.14)
+        esc = pol.on_step(0, lp_step)
+        assert esc == ([Escalation("urgent", 0, 1, "ttft")] if expect else [])
+        if not expect:  # ~17 LP steps of ~0.14 s before its first token (one ~0.11 s step on HP)
+            assert pol.predicted_first_token(0, now + 0.01)["urgent"] > now + 2.0
+
+
+def test_new_request_goes_to_idle_hp_with_ticket():
+    pol = make_policy()
+    pol.on_step(1, step(1, 0.0))
+    assert pol.route(RouteRequest("a", 100, 20, 0.0, ttft_slo=1.0)) == 1
+
+
+def test_slow_decode_is_escalated_for_tbt():
+    pol = make_policy()
+    now = 10.0
+    busy_hp(pol, now)
+    req = RouteRequest("d", 50, 200, now - 2, ttft_slo=5.0, tbt_slo=0.05)
+    pol.on_dispatch(0, req)
+    pol.on_tokens("d", 1, now - 1.0)
+    pol.on_tokens("d", 9, now)  # 10 tokens over 1 s: 0.11 s a token, over the 0.05 s objective
+    esc = pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=100, decode_context_tokens=5000,
+                              step_time=0.06))
+    assert [e.reason for e in esc if e.request_id == "d"] == ["tbt"]
+
+
+def test_paper_mode_never_moves_started_requests():
+    pol = make_policy(escalate_started=False)
+    now = 10.0
+    busy_hp(pol, now)
+    req = RouteRequest("d", 50, 200, now - 2, ttft_slo=5.0, tbt_slo=0.05)
+    pol.on_dispatch(0, req)
+    pol.on_tokens("d", 10, now)
+    assert pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=100, step_time=0.06)) == []
+
+
+def test_migration_bookkeeping_moves_the_request():
+    pol = make_policy()
+    req = RouteRequest("x", 100, 20, 0.0, ttft_slo=1.0)
+    pol.on_dispatch(0, req)
+    pol.reqs["x"].migrating, pol.reqs["x"].dst = True, 1
+    pol.state[1].incoming = 1
+    pol.on_migrated("x", 1, 0.5)
+    assert pol.instance_of("x") == 1 and pol.instances[0].num_assigned == 0 and pol.instances[1].num_assigned == 1
+    assert pol.state[1].incoming == 0
+    pol.on_finish("x")
+    assert pol.instances[1].num_assigned == 0
+
+
+def _source(n):
+    return KVSource(0, PoolHandle("shm", "x", [1], "float32", "cpu"), list(range(n)), n * 16)
+
+
+def _state():
+    return RequestState("r", [1, 2, 3], [4, 5], 4, SamplingParams(), 0.0)
+
+
+def test_migrator_happy_path_and_failures():
+    sent = []
+    mig = Migrator(lambda wid, msg: sent.append((wid, type(msg).__name__)) or True)
+    mig.start(Escalation("r", 0, 1), 0.0)
+    assert mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 0.1) is None
+    assert mig.on_update(1, MigrationUpdate("r", "precopied", blocks_copied=3), 0.2) is None
+    assert mig.on_update(0, MigrationUpdate("r", "frozen", source=_source(4), state=_state()), 0.3) is None
+    res = mig.on_update(1, MigrationUpdate("r", "committed", blocks_copied=1), 0.35)
+    assert res.migration.ok and res.migration.blocks_copied == 4 and res.migration.frozen_at == 0.3
+    assert sent == [(0, "MigrateOut"), (1, "MigrateIn"), (0, "MigrateFreeze"), (1, "MigrateCommit"),
+                    (0, "MigrateRelease")]
+    assert not mig.active
+
+    # destination full at pre-copy: the source is told to carry on
+    sent.clear()
+    mig.start(Escalation("r", 0, 1), 1.0)
+    mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 1.1)
+    res = mig.on_update(1, MigrationUpdate("r", "failed", error="no room"), 1.2)
+    assert not res.migration.ok and sent[-1] == (0, "MigrateCancel")
+
+    # the request finished on the source before the freeze
+    sent.clear()
+    mig.start(Escalation("r", 0, 1), 2.0)
+    mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 2.1)
+    mig.on_update(1, MigrationUpdate("r", "precopied", blocks_copied=3), 2.2)
+    res = mig.on_update(0, MigrationUpdate("r", "gone"), 2.3)
+    assert not res.migration.ok and sent[-1] == (1, "MigrateCancel")
+
+    # the destination died mid-way
+    sent.clear()
+    mig.start(Escalation("r", 0, 1), 3.0)
+    mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 3.1)
+    (res,) = mig.on_worker_down(1)
+    assert not res.migration.ok and sent[-1] == (0, "MigrateCancel") and not mig.active
+
+    # a waiting request moves as a request
+    mig.start(Escalation("r", 0, 1), 4.0)
+    res = mig.on_update(0, MigrationUpdate("r", "moved", state=_state()), 4.1)
+    assert res.migration.ok and res.migration.kind == "waiting" and res.moved_state.request_id == "r"
