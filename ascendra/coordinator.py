@@ -32,6 +32,8 @@ import zmq.asyncio
 from ascendra import messages as m
 from ascendra.detokenizer import DetokenizerFactory, StopChecker
 from ascendra.metrics import ServerMetrics
+from ascendra.migrator import MigrationResult, Migrator
+from ascendra.perf_model import BatchShape
 from ascendra.protocol import DONE, APIError, ChunkWriter, sse_error
 from ascendra.router import InstanceSpec, Policy, RouteRequest, make_policy, plan_instances
 
@@ -239,6 +241,8 @@ class Coordinator:
         self.policy: Policy = make_policy(config.policy, self.specs)
         self.workers = [WorkerHandle(spec, dev) for spec, dev in zip(self.specs, devices)]
         self.requests: dict[str, RequestState] = {}
+        self.migrator = Migrator(self._send)
+        self._frozen_since: dict[str, float] = {}  # escalated while decoding: frozen at, until its next token
         self.num_unstarted = 0  # admitted requests without a first token (the bounded queue)
         self.model_info: m.ModelInfo | None = None
         self.accepting = False
@@ -394,6 +398,9 @@ class Coordinator:
         self.metrics.waiting.set(0, str(w.worker_id))
         if self.model_info is None:
             self.model_info = msg.model
+        if hasattr(self.policy, "configure_instance"):
+            self.policy.configure_instance(w.worker_id, list(msg.perf_model), msg.chunk_size, msg.max_num_seqs,
+                                           msg.block_size)
         log.info("worker %d registered: pid %d, %d blocks of %d tokens, pool %s", w.worker_id, msg.pid,
                  msg.num_blocks, msg.block_size, msg.pool.kind)
         if w.registered is not None and not w.registered.done():
@@ -423,6 +430,8 @@ class Coordinator:
                 self._record_end(st, "error", time.monotonic())
                 st._fail(err)
         w.requests.clear()
+        for res in self.migrator.on_worker_down(w.worker_id):
+            self._migration_ended(res, time.monotonic())
 
     def _on_step(self, step: m.StepOutput, now: float) -> None:
         wid = step.worker_id
@@ -432,9 +441,18 @@ class Coordinator:
         mt.waiting.values[(label,)] = step.num_waiting
         mt.preempted.values[(label,)] = step.num_preempted
         mt.kv_usage.values[(label,)] = (1.0 - step.free_blocks / step.total_blocks) if step.total_blocks else 0.0
-        escalations = self.policy.on_step(wid, step)
-        if escalations:
-            log.debug("escalations not implemented yet: %s", escalations)
+        perf = getattr(self.policy, "state", {}).get(wid)
+        if perf is not None and step.num_seqs and step.step_time > 0 and perf.perf.fitted:
+            shape = BatchShape(step.num_prefill_tokens, step.prefill_attention_pairs, step.num_decode_tokens,
+                               step.decode_context_tokens)
+            mt.step_time_error.observe(abs(perf.perf.predict(shape) - step.step_time) / step.step_time)
+        for esc in self.policy.on_step(wid, step):
+            if esc.request_id in self.requests and self.migrator.start(esc, now) is not None:
+                log.info("escalating %s from instance %d to %d (%s)", esc.request_id, esc.src, esc.dst, esc.reason)
+            else:
+                self.policy.on_migration_failed(esc.request_id, now)
+        on_tokens = getattr(self.policy, "on_tokens", None)
+        frozen = self._frozen_since
         requests = self.requests
         itl = mt.itl
         gen_tokens = 0
@@ -460,6 +478,10 @@ class Coordinator:
                     if n > 1:
                         itl.observe_many(0.0, n - 1)
                 st.last_token_time = now
+                if on_tokens is not None:
+                    on_tokens(st.request_id, n, now)
+                if frozen and st.request_id in frozen:
+                    mt.migration_downtime.observe(now - frozen.pop(st.request_id))
                 text = st.detok.feed(ids) if not st.client_done else ""
             else:
                 text = ""
@@ -473,6 +495,72 @@ class Coordinator:
                     self._end_from_worker(st, out, text, now)
         if gen_tokens:
             mt.generation_tokens.values[()] = mt.generation_tokens.values.get((), 0.0) + gen_tokens
+        for up in step.migrations:
+            res = self.migrator.on_update(wid, up, now)
+            if res is not None:
+                self._migration_ended(res, now)
+
+    # ------------------------------------------------------------ escalation
+
+    def _migration_ended(self, res: MigrationResult, now: float) -> None:
+        mig = res.migration
+        rid = mig.request_id
+        st = self.requests.get(rid)
+        if not mig.ok:
+            self.policy.on_migration_failed(rid, now)
+            self.metrics.escalations_failed.inc(1, mig.error.split(":")[0][:40] or "failed")
+            log.info("escalation of %s abandoned: %s", rid, mig.error)
+            return
+        if st is None:  # ended meanwhile: make sure the destination holds nothing for it
+            if mig.kind == "kv":
+                self._send(mig.dst, m.AbortRequests([rid]))
+            return
+        if res.moved_state is not None:
+            s0 = res.moved_state
+            add = m.AddRequest(rid, s0.prompt_token_ids, s0.sampling, s0.arrival_time, s0.ttft_slo, s0.tbt_slo,
+                               output_token_ids=s0.output_token_ids, first_token_time=s0.first_token_time)
+            if not self._send(mig.dst, add):
+                self.policy.on_migration_failed(rid, now)
+                self._worker_down_request(st, f"instance {mig.dst} is gone")
+                return
+            stage = "waiting"
+        else:
+            stage = "decode" if mig.tokens_at_freeze > 0 else "prefill"
+        self.workers[mig.src].requests.discard(rid)
+        self.workers[mig.dst].requests.add(rid)
+        st.instance_id = mig.dst
+        self.policy.on_migrated(rid, mig.dst, now)
+        mt = self.metrics
+        mt.escalations.inc(1, stage)
+        if mig.blocks_copied:
+            mt.migrated_blocks.inc(mig.blocks_copied)
+            src = self.workers[mig.src].register
+            mt.migrated_bytes.inc(mig.blocks_copied * (src.bytes_per_block if src else 0))
+        if mig.frozen_at is not None:
+            if stage == "decode":
+                self._frozen_since[rid] = mig.frozen_at
+            else:
+                mt.migration_downtime.observe(now - mig.frozen_at)
+        log.info("escalated %s (%s) to instance %d: %d blocks, frozen %.1f ms", rid, stage, mig.dst,
+                 mig.blocks_copied, (now - mig.frozen_at) * 1e3 if mig.frozen_at else 0.0)
+
+    def _worker_down_request(self, st: RequestState, reason: str) -> None:
+        self.requests.pop(st.request_id, None)
+        self._release(st)
+        if not st.client_done:
+            self._record_end(st, "error", time.monotonic())
+            st._fail(APIError(reason, status=503, type="service_unavailable_error", code=503))
+
+    def _abort_on_workers(self, st: RequestState) -> None:
+        """Abort on the request's worker, and on both ends of a migration in flight."""
+        targets = {st.instance_id}
+        mig = self.migrator.drop(st.request_id)
+        if mig is not None:
+            targets |= {mig.src, mig.dst}
+            self.policy.on_migration_failed(st.request_id, time.monotonic())
+        self._frozen_since.pop(st.request_id, None)
+        for wid in targets:
+            self._send(wid, m.AbortRequests([st.request_id]))
 
     def _emit(self, st: RequestState, text: str, now: float) -> None:
         """Pass new text through the stop matcher to the client; a match ends the request."""
@@ -481,7 +569,7 @@ class Coordinator:
             if matched:
                 self._record_end(st, "stop", now)
                 st._finish("stop", text)
-                self._send(st.instance_id, m.AbortRequests([st.request_id]))
+                self._abort_on_workers(st)
                 return
         if text:
             st._push(text)
@@ -599,7 +687,7 @@ class Coordinator:
         st.finish_reason = "abort"
         st.done = True
         if st.request_id in self.requests:
-            self._send(st.instance_id, m.AbortRequests([st.request_id]))
+            self._abort_on_workers(st)
         log.debug("aborted %s: %s", st.request_id, reason)
 
     def _send(self, wid: int, msg: msgspec.Struct) -> bool:
@@ -664,14 +752,11 @@ class Coordinator:
         while any(not st.client_done for st in self.requests.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         err = APIError("The server is shutting down.", status=503, type="service_unavailable_error", code=503)
-        by_worker: dict[int, list[str]] = {}
         for st in list(self.requests.values()):
             if not st.client_done:
                 self._record_end(st, "abort", time.monotonic())
                 st._fail(err)
-            by_worker.setdefault(st.instance_id, []).append(st.request_id)
-        for wid, rids in by_worker.items():
-            self._send(wid, m.AbortRequests(rids))
+            self._abort_on_workers(st)
 
     async def shutdown(self) -> None:
         """Send Shutdown, wait for the workers, kill stragglers, remove what we created."""

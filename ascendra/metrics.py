@@ -171,12 +171,33 @@ class ServerMetrics:
         self.worker_up = Gauge("worker_up", "1 while the worker process is alive and registered.", ("instance", "role"))
         self.inflight = Gauge("coordinator_requests_inflight", "Requests the coordinator is serving.")
         self.unstarted = Gauge("coordinator_requests_waiting", "Admitted requests without a first token yet.")
+        self.escalations = Counter(
+            "escalations_total", "Requests escalated from a low- to a high-priority instance, by the stage they were in.",
+            ("stage",), initial=[("waiting",), ("prefill",), ("decode",)],
+        )
+        self.escalations_failed = Counter(
+            "escalations_failed_total", "Escalations abandoned (no room, request ended, worker died).", ("reason",),
+        )
+        self.migrated_blocks = Counter("migrated_blocks_total", "KV blocks copied between instances by escalations.")
+        self.migrated_bytes = Counter("migrated_bytes_total", "KV bytes copied between instances by escalations.")
+        self.migration_downtime = Histogram(
+            "migration_downtime_seconds",
+            "Time an escalated request was frozen: from the source pausing it to the destination's next token.",
+            ITL_BUCKETS,
+        )
+        self.step_time_error = Histogram(
+            "step_time_prediction_error_ratio",
+            "Performance model: |predicted - measured| / measured step time, per worker step.",
+            [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0],
+        )
 
     def all(self) -> list[_Metric]:
         return [
             self.ttft, self.itl, self.e2e, self.queue, self.mean_tbt, self.success, self.slo, self.rejected,
             self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.kv_usage,
-            self.preempted, self.worker_up, self.inflight, self.unstarted,
+            self.preempted, self.worker_up, self.inflight, self.unstarted, self.escalations,
+            self.escalations_failed, self.migrated_blocks, self.migrated_bytes, self.migration_downtime,
+            self.step_time_error,
         ]
 
     def render(self) -> str:

@@ -5,9 +5,8 @@ dispatched, first token, finished, step statistics, instance up/down) with the t
 measured; the simulator can drive the very same objects with simulated times.
 
 A ``Policy`` owns the routing decision (``route``) and a per-step hook (``on_step``)
-that may return ``Escalation`` actions. Escalation (moving an LP request and its KV
-blocks to an HP instance) is the seam for later work: ``AscendraPolicy.on_step`` returns
-nothing yet.
+that may return ``Escalation`` actions. Ascendra's policy, which predicts and escalates,
+lives in ``ascendra.predictor``.
 """
 
 from __future__ import annotations
@@ -239,39 +238,18 @@ class LeastLoadedPolicy(Policy):
         return inst.instance_id if inst is not None else None
 
 
-class AscendraPolicy(Policy):
-    """New requests go to the least-loaded LP instance; HP instances take escalations.
-
-    Prediction and escalation are future work: ``on_step`` is the place where a
-    performance model will look at LP queues and return ``Escalation``s.
-    """
-
-    name = "ascendra"
-
-    def route(self, req: RouteRequest) -> int | None:
-        lp = [i for i in self.instances if i.role == "lp"]
-        inst = least_loaded(lp)
-        if inst is None:
-            # Every LP instance is gone: HP instances still serve rather than refuse.
-            inst = least_loaded([i for i in self.instances if i.role == "hp"])
-        return inst.instance_id if inst is not None else None
-
-    def on_step(self, instance_id: int, step: StepStats) -> list[Escalation]:
-        self._record_step(instance_id, step)
-        return []  # seam: predictor-driven escalation goes here
-
-
 def make_policy(policy: str, specs: list[InstanceSpec]) -> Policy:
     if policy in ("vllm", "sarathi"):
         return RoundRobinPolicy(specs, name=policy)
     if policy == "ascendra":
+        from ascendra.predictor import AscendraPolicy  # it builds on this module
+
         return AscendraPolicy(specs)
     raise ValueError(f"unknown policy {policy!r}")
 
 
 __all__ = [
     "POLICIES",
-    "AscendraPolicy",
     "Escalation",
     "InstanceSpec",
     "InstanceState",

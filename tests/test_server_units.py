@@ -19,8 +19,8 @@ from ascendra.protocol import (
     prompt_of,
     validate_common,
 )
+from ascendra.predictor import AscendraPolicy
 from ascendra.router import (
-    AscendraPolicy,
     RoundRobinPolicy,
     RouteRequest,
     default_num_hp,
@@ -160,6 +160,8 @@ def test_least_loaded_and_bookkeeping():
     assert isinstance(pol, AscendraPolicy)
     for i in range(3):
         pol.set_alive(i, True)
+    # The HP instance has queued work, so it holds no ticket for new requests.
+    pol.on_step(2, StepOutput(2, 1, [], 0, 0, 0, 0, 0, 0.0, 0, 1, 0, 100, 100, 0.5))
     picks = []
     for i in range(4):
         r = _req(i)

@@ -11,7 +11,7 @@ import pytest
 
 from ascendra.messages import AbortRequests, AddRequest, SamplingParams, Shutdown
 from tests.helpers import our_shm_segments, pid_alive, wait_until
-from tests.worker_driver import WorkerDriver
+from workers.driver import WorkerDriver
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_worker_exits_when_its_coordinator_dies(tiny_model, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from tests.worker_driver import WorkerDriver
+        from workers.driver import WorkerDriver
         d = WorkerDriver({tiny_model.path!r}, "--num-blocks", "32")
         reg = d.wait_registered()[0]
         print(reg.pid, reg.pool.name, flush=True)

@@ -25,7 +25,10 @@ Shape = tuple[list[tuple[int, int]], list[int]]
 
 
 def profile_path(info, device: str, block_size: int) -> Path:
-    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}.json".replace("/", "_")
+    import torch  # CPU step times depend on the thread count too
+
+    threads = f"-t{torch.get_num_threads()}" if device == "cpu" else ""
+    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}.json".replace("/", "_")
     return cache_dir().parent / "profiles" / name
 
 

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-model", action="store_true", help="emit tokens without running the model")
     p.add_argument("--fake-step-time", type=float, default=0.0, help="seconds each fake iteration sleeps")
     p.add_argument("--seed", type=int, default=0, help="torch seed for unseeded sampling")
+    p.add_argument("--profile", default="auto", choices=["auto", "off"],
+                   help="fit the step-time model on this device at start (auto: reuse the cached fit if any)")
     p.add_argument("--scatter-blocks", type=int, default=None, help="shuffle the free block list with this seed")
     return p.parse_args(argv)
 
@@ -152,6 +154,7 @@ class Worker:
         self.migrations: Migrations | None = None
         self.step_id = 0
         self.running = True
+        self.perf_coef: list[float] = []
 
     # ---- peer pools (escalation copies KV blocks straight out of another worker's pool)
     def peer_pool(self, handle: PoolHandle) -> PeerPool:
@@ -167,6 +170,7 @@ class Worker:
         try:
             self.engine = build_engine(self.args)
             self.migrations = Migrations(self.engine, self.worker_id)
+            self.perf_coef = self._profile()
         except Exception as exc:
             log.exception("worker %d failed to start", self.worker_id)
             self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
@@ -282,6 +286,17 @@ class Worker:
             )
         )
 
+    def _profile(self) -> list[float]:
+        if self.args.profile == "off" or self.args.fake_model:
+            return []
+        from workers.profiler import fit_or_load
+
+        e = self.engine
+        assert e is not None
+        model = fit_or_load(e.runner, e.pool, self.args.device, e.config.block_size, e.config.chunk_size,
+                            log=log.info)
+        return model.to_list()
+
     def _registration(self) -> Register:
         assert self.engine is not None
         e, a = self.engine, self.args
@@ -298,6 +313,7 @@ class Worker:
             bytes_per_block=e.pool.bytes_per_block,
             max_num_seqs=e.config.max_num_seqs,
             chunk_size=e.config.chunk_size,
+            perf_model=self.perf_coef,
         )
 
     def _send(self, msg) -> None:

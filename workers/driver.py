@@ -1,4 +1,4 @@
-"""Drive a real worker process over ZeroMQ, the way the coordinator does (tests only)."""
+"""Drive real worker processes over ZeroMQ the way the coordinator does (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class WorkerDriver:
             self.registrations[msg.worker_id] = msg
         return self.registrations
 
-    def send(self, worker_id: int, msg) -> None:
+    def send(self, worker_id: int, msg) -> bool:
         self.sock.send_multipart([str(worker_id).encode(), encode(msg)])
+        return True
 
     def recv(self, timeout: float = 60.0) -> WorkerMessage:
         if not self.sock.poll(max(0, int(timeout * 1000))):

@@ -1,0 +1,245 @@
+"""Where simulated time comes from: step-time sources and the KV migration cost.
+
+Step-time sources all answer ``predict(BatchShape) -> seconds`` (the ``PerfModel`` interface),
+so the simulator, the schedulers and the coordinator's predictor can use any of them:
+
+- ``PerfModel`` fitted on a real device (a coefficient list, or a profile JSON written by the
+  worker's profiler, ``~/.cache/ascendra/profiles/*.json`` = ``{"coef": [...]}``).
+- ``OperatorTableCost``: Llama-3-8B on an A100 built from vidur's measured per-layer operator
+  times (linear layers, norms, activations) plus an attention term the table lacks: prefill
+  attention from its FLOPs at a realistic tensor-core efficiency, decode attention from the KV
+  bytes it reads at a realistic share of HBM bandwidth.
+
+``MigrationCost`` prices moving KV between instances (bytes / link bandwidth + a fixed latency).
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
+
+VIDUR_A100_TABLE = Path("..") / "shared" / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv"
+# Per-layer operators in the table; "add" runs twice per layer (two residual adds).
+_LAYER_OPS = {"input_layernorm": 1, "attn_pre_proj": 1, "attn_rope": 1, "attn_post_proj": 1,
+              "post_attention_layernorm": 1, "mlp_up_proj": 1, "mlp_act": 1, "mlp_down_proj": 1, "add": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of a decoder's shape that the cost and memory models use."""
+
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    num_params: float
+    dtype_bytes: int = 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.num_params * self.dtype_bytes
+
+
+LLAMA3_8B = ModelShape("Llama-3.1-8B", num_layers=32, hidden=4096, num_heads=32, num_kv_heads=8,
+                       head_dim=128, vocab=128256, num_params=8.03e9)
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+    hbm_bytes_s: float
+
+
+A100_80GB = GPU("A100-80GB", memory_bytes=80 * 2**30, peak_flops=312e12, hbm_bytes_s=2.0e12)
+
+
+def kv_pool_blocks(gpu: GPU, model: ModelShape, block_size: int, activation_reserve_bytes: float = 4 * 2**30,
+                   memory_utilization: float = 0.9) -> int:
+    """KV blocks left after weights and an activation reserve, vLLM-style (90% of memory usable)."""
+    free = gpu.memory_bytes * memory_utilization - model.weight_bytes - activation_reserve_bytes
+    return max(1, int(free // (model.kv_bytes_per_token * block_size)))
+
+
+class OperatorTableCost:
+    """Step time of Llama-3-8B on one A100 (tensor parallel 1) from vidur's operator table.
+
+    Linear-layer work depends on the batch's token count (prefill tokens + decodes) and is read
+    off the table (median columns, interpolated; duplicate rows averaged). Attention is modelled:
+    prefill = 4 FLOPs x attended pairs x heads x head_dim per layer at ``flops_eff`` of peak;
+    decode = KV bytes read at ``bw_eff`` of HBM bandwidth. The LM head runs on sampled rows
+    (weight-read bound for small batches). ``overhead_s`` is the per-step CPU work (scheduling,
+    input preparation, sampling) that the GPU table does not see.
+    """
+
+    def __init__(self, table: str | Path = VIDUR_A100_TABLE, model: ModelShape = LLAMA3_8B, gpu: GPU = A100_80GB,
+                 flops_eff: float = 0.5, bw_eff: float = 0.7, overhead_s: float = 1.5e-3,
+                 per_seq_overhead_s: float = 10e-6) -> None:
+        self.model, self.gpu = model, gpu
+        self.overhead_s, self.per_seq_overhead_s = overhead_s, per_seq_overhead_s
+        self._ns, self._layer_s = self._load(Path(table), model)
+        self._attn_s_per_pair = 4 * model.num_heads * model.head_dim * model.num_layers / (gpu.peak_flops * flops_eff)
+        self._decode_s_per_ctx = model.kv_bytes_per_token / (gpu.hbm_bytes_s * bw_eff)
+        self._lm_head_read_s = model.vocab * model.hidden * model.dtype_bytes / (gpu.hbm_bytes_s * bw_eff)
+        self._lm_head_row_s = 2 * model.vocab * model.hidden / (gpu.peak_flops * flops_eff)
+        self._cache: dict[int, float] = {}
+
+    @staticmethod
+    def _load(path: Path, model: ModelShape) -> tuple[list[int], list[float]]:
+        """Seconds for all layers + embedding at each measured token count."""
+        by_n: dict[int, list[float]] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if int(row["num_tensor_parallel_workers"]) != 1:
+                    continue
+                if int(row["n_embd"]) != model.hidden:
+                    raise ValueError(f"{path} profiles hidden size {row['n_embd']}, not {model.hidden}")
+                per_layer = sum(k * float(row[f"time_stats.{op}.median"]) for op, k in _LAYER_OPS.items())
+                total_ms = model.num_layers * per_layer + float(row["time_stats.emb.median"])
+                by_n.setdefault(int(row["num_tokens"]), []).append(total_ms / 1e3)
+        if not by_n:
+            raise ValueError(f"{path} has no tensor-parallel-1 rows")
+        ns = sorted(by_n)
+        return ns, [sum(by_n[n]) / len(by_n[n]) for n in ns]
+
+    def linear_time(self, n: int) -> float:
+        """Seconds of the token-parallel work (everything but attention) for n tokens."""
+        t = self._cache.get(n)
+        if t is not None:
+            return t
+        ns, ys = self._ns, self._layer_s
+        if n <= ns[0]:
+            t = ys[0]
+        elif n >= ns[-1]:  # past the table: grow linearly at the last measured slope per token
+            t = ys[-1] * n / ns[-1]
+        else:
+            i = bisect.bisect_left(ns, n)
+            if ns[i] == n:
+                t = ys[i]
+            else:
+                n0, n1 = ns[i - 1], ns[i]
+                t = ys[i - 1] + (ys[i] - ys[i - 1]) * (n - n0) / (n1 - n0)
+        self._cache[n] = t
+        return t
+
+    def predict(self, shape: BatchShape) -> float:
+        n = shape.prefill_tokens + shape.decodes
+        if n == 0:
+            return 0.0
+        rows = shape.decodes + (1 if shape.prefill_tokens else 0)  # sampled rows, roughly
+        lm_head = max(self._lm_head_read_s, rows * self._lm_head_row_s)
+        return (self.overhead_s + rows * self.per_seq_overhead_s + self.linear_time(n) + lm_head
+                + shape.prefill_attention_pairs * self._attn_s_per_pair
+                + shape.decode_context * self._decode_s_per_ctx)
+
+    def prefill_time(self, num_tokens: int, context: int = 0) -> float:
+        return self.predict(prefill_shape(num_tokens, context))
+
+    def step_time(self, prefill_tokens: int, decodes: int, decode_context: int = 0, prefill_context: int = 0) -> float:
+        return self.predict(prefill_shape(prefill_tokens, prefill_context, decodes, decode_context))
+
+
+def fit_perf_model(cost, max_prefill: int = 8192, max_decodes: int = 128, max_context: int = 4096,
+                   samples: int = 400, seed: int = 0) -> PerfModel:
+    """What a worker would learn by profiling a device whose truth is ``cost``: a PerfModel
+    (linear in the roofline features) fitted on random prefill, decode and mixed batches."""
+    rng = random.Random(seed)
+    shapes: list[BatchShape] = []
+    for i in range(samples):
+        kind = i % 3
+        pre = 0 if kind == 1 else rng.choice([rng.randint(1, 512), rng.randint(1, max_prefill)])
+        ctx = 0 if rng.random() < 0.6 else rng.randint(0, max_context)
+        dec = 0 if kind == 0 else rng.randint(1, max_decodes)
+        dctx = dec * rng.randint(16, max_context)
+        shapes.append(prefill_shape(pre, ctx, dec, dctx))
+    return PerfModel().fit(shapes, [cost.predict(s) for s in shapes])
+
+
+def load_profile(path: str | Path) -> PerfModel:
+    """A profile JSON ({"coef": [...]}; tools.profile's last line fits too) or a bare list."""
+    data = json.loads(Path(path).expanduser().read_text().strip().splitlines()[-1])
+    coef = data["coef"] if isinstance(data, dict) else data
+    model = PerfModel.from_list([float(c) for c in coef])
+    if not model.fitted:
+        raise ValueError(f"{path}: the profile's coefficients are all zero")
+    return model
+
+
+def profile_files() -> list[Path]:
+    from ascendra.models import cache_dir
+
+    return sorted((cache_dir().parent / "profiles").glob("*.json"))
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Moving KV between instances: fixed latency + bytes / link bandwidth.
+
+    The default is PCIe 4.0 x16 between two A100s (~25 GB/s achieved); NVLink (A100 SXM)
+    moves ~200-300 GB/s.
+    """
+
+    kv_bytes_per_token: int
+    block_size: int = 16
+    bandwidth_bytes_s: float = 25e9
+    latency_s: float = 1e-3
+
+    def blocks_time(self, num_blocks: int) -> float:
+        if num_blocks <= 0:
+            return 0.0
+        return self.latency_s + num_blocks * self.block_size * self.kv_bytes_per_token / self.bandwidth_bytes_s
+
+
+LINKS = {"pcie4": 25e9, "pcie5": 50e9, "nvlink3": 250e9}
+
+
+def make_cost(spec: str, shared: Path | None = None):
+    """--cost a100 | profile:PATH | coef:[...] -> a PerfModel-compatible step-time source."""
+    if spec == "a100":
+        table = (shared / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv") if shared else VIDUR_A100_TABLE
+        return OperatorTableCost(table)
+    if spec.startswith("profile:"):
+        return load_profile(spec.split(":", 1)[1])
+    if spec.startswith("coef:"):
+        coef = json.loads(spec.split(":", 1)[1])
+        return PerfModel.from_list([float(c) for c in coef])
+    raise ValueError(f"unknown cost source {spec!r}: use a100, profile:PATH or coef:[...]")
+
+
+def linear_fns(model: PerfModel):
+    """Plain-Python closures over a fitted PerfModel's coefficients (the scheduler calls these
+    once per waiting request per step, so they must not go through numpy)."""
+    c0, c1, c2, c3, c4 = (float(c) for c in model.coef)
+
+    def prefill_time(n: int) -> float:
+        return c0 + c1 * n + c2 * n * n
+
+    def step_time_fn(avg_context: list[float]):
+        def step_time(prefill: int, decodes: int) -> float:
+            return c0 + c1 * prefill + c2 * prefill * prefill + decodes * (c3 + c4 * avg_context[0])
+        return step_time
+
+    return prefill_time, step_time_fn
+
+
+def fmt_coef(model: PerfModel) -> str:
+    return "[" + ", ".join(f"{c:.3e}" for c in model.coef) + "]"
+
+
+__all__ = ["A100_80GB", "GPU", "LINKS", "LLAMA3_8B", "MigrationCost", "ModelShape", "OperatorTableCost",
+           "fit_perf_model", "kv_pool_blocks", "linear_fns", "load_profile", "make_cost", "profile_files"]
+

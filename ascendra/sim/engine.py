@@ -1,0 +1,477 @@
+"""Discrete-event simulation of N serving instances driven by the real scheduler and policy.
+
+Each simulated instance owns the worker's ``Scheduler`` and ``BlockManager`` and steps the way
+``workers.engine.Engine.step`` does (schedule -> forward -> commit -> append the sampled token ->
+finish on max_tokens / max_model_len -> remove), with the forward pass replaced by a step-time
+source (``ascendra.sim.costs``). The coordinator side is the real routing ``Policy``: it routes
+arrivals, hears about tokens, finishes and every step, and returns escalations, which are carried
+out with simulated migration:
+
+- a request that has not started moves at once, as a request;
+- a started one moves its KV Llumnix-style: the blocks filled so far are copied while the source
+  keeps serving it (bulk pre-copy), then at the source's next step boundary it is frozen, the
+  blocks written since are copied, and the destination continues it (attach with its computed
+  tokens and blocks); the source frees its blocks. A destination short of blocks abandons the
+  move and the policy hears ``on_migration_failed``.
+
+Events: arrivals, step completions, bulk-copy completions and migration commits, in time order
+(ties in the order they were scheduled). Time never goes backwards. An instance with work runs
+iterations back to back, like the real worker's busy loop; an idle one waits to be kicked.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+from dataclasses import dataclass, field
+
+from ascendra.block_manager import BlockManager, OutOfBlocks, blocks_for
+from ascendra.messages import SamplingParams, StepOutput
+from ascendra.perf_model import BatchShape, PerfModel
+from ascendra.router import InstanceSpec, RouteRequest, make_policy, plan_instances
+from ascendra.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from ascendra.sequence import Sequence, SeqStatus
+from ascendra.sim.costs import MigrationCost, linear_fns
+
+# Event kinds (events at equal times run in the order they were scheduled).
+_STEP, _BULK_DONE, _COMMIT = 1, 2, 3
+_TOKEN = 1  # what every simulated sample returns; workloads run with ignore_eos
+
+
+@dataclass
+class SimConfig:
+    policy: str = "sarathi"  # vllm | sarathi | ascendra
+    num_instances: int = 3
+    num_hp: int | None = None  # ascendra: HP instances (default: a third)
+    num_blocks: int = 4096  # KV blocks per instance
+    block_size: int = 16
+    max_num_seqs: int = 128
+    chunk_size: int = 512
+    max_model_len: int = 8192
+    ttft_slo: float | None = 1.0
+    tbt_slo: float | None = 0.15
+    # Ascendra: escalate started requests with their KV (ours) or only unstarted ones (the paper's code).
+    escalate_started: bool = True
+    # Give the LP/HP schedulers the fitted model (LP slack ordering, HP latency budget).
+    scheduler_uses_model: bool = True
+    record_token_times: bool = True  # per-token times (ITL and p99-TBT metrics need them)
+    check_invariants: bool = False  # verify block accounting after every event (tests)
+
+
+class SimSequence(Sequence):
+    """A Sequence plus what the simulated client records."""
+
+    def __init__(self, index: int, prompt_len: int, max_tokens: int, arrival: float,
+                 ttft_slo: float | None, tbt_slo: float | None, sampling: SamplingParams) -> None:
+        super().__init__(f"sim-{index}", [_TOKEN] * prompt_len, sampling, arrival, ttft_slo, tbt_slo)
+        self.index = index
+        self.max_tokens = max_tokens
+        self.instance = -1
+        self.token_times: list[float] = []
+        self.error: str | None = None
+        self.done = False
+        self.num_migrations = 0
+
+
+@dataclass
+class _Migration:
+    seq: SimSequence
+    src: int
+    dst: int
+    dst_blocks: list[int]
+    snapshot_blocks: int
+    preemptions: int  # the source's count when the bulk copy began (a preemption voids it)
+    started_at: float
+    frozen_at: float | None = None
+
+
+@dataclass
+class MigrationStats:
+    moved_waiting: int = 0  # unstarted requests moved as requests
+    moved_kv: int = 0  # started requests moved with their KV
+    failed: int = 0  # destination short of blocks, request lost its KV, or stale
+    cancelled: int = 0  # request finished while its blocks were being copied
+    filtered: int = 0  # started requests refused (escalate_started off)
+    blocks_copied: int = 0
+    frozen_s: float = 0.0  # total time requests sat frozen
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class SimInstance:
+    def __init__(self, spec: InstanceSpec, cfg: SimConfig, cost, model: PerfModel) -> None:
+        self.iid = spec.instance_id
+        self.spec = spec
+        self.cost = cost
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
+        prefill_time = step_time = None
+        self._avg_context = [0.0]  # mean decode context of the last step, for the HP budget
+        if cfg.scheduler_uses_model and model.fitted:
+            prefill_time, make_step_time = linear_fns(model)
+            step_time = make_step_time(self._avg_context)
+        self.scheduler = Scheduler(
+            SchedulerConfig(policy=spec.policy, max_num_seqs=cfg.max_num_seqs, chunk_size=cfg.chunk_size,
+                            max_model_len=cfg.max_model_len),
+            self.blocks, prefill_time=prefill_time, step_time=step_time)
+        self.max_model_len = cfg.max_model_len
+        self.inflight: SchedulerOutput | None = None
+        self.inflight_shape: tuple[int, int, int, int, int, float] | None = None
+        self.pending_freezes: list[_Migration] = []
+        self.num_steps = 0
+        self.busy_s = 0.0
+
+    def check(self, seq: SimSequence) -> str | None:
+        """The worker's admission checks (Engine._check) for a simulated request."""
+        n = seq.num_tokens
+        if n >= self.max_model_len:
+            return (f"prompt has {n} tokens; this model's limit is {self.max_model_len} "
+                    "(prompt plus at least one output token)")
+        if seq.max_tokens <= 0:
+            return "max_tokens must be at least 1"
+        need = blocks_for(min(n + seq.max_tokens, self.max_model_len), self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            return f"request needs up to {need} KV blocks but this worker's pool holds only {self.blocks.num_blocks}"
+        return None
+
+
+@dataclass
+class SimResult:
+    requests: list[SimSequence]
+    end_time: float
+    migrations: MigrationStats
+    instances: list[dict] = field(default_factory=list)
+    num_events: int = 0
+
+
+def build_policy(cfg: SimConfig, specs: list[InstanceSpec]):
+    """The coordinator's policy object, with the escalation scope set where it supports it."""
+    policy = make_policy(cfg.policy, specs)
+    if cfg.policy == "ascendra" and not hasattr(policy, "configure_instance"):
+        try:  # the router may still hand out the placeholder; the predictor holds the real one
+            from ascendra.predictor import AscendraPolicy
+            policy = AscendraPolicy(specs)
+        except ImportError:
+            pass
+    if cfg.policy == "ascendra" and not cfg.escalate_started:
+        try:
+            params = inspect.signature(type(policy)).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "escalate_started" in params:
+            policy = type(policy)(specs, escalate_started=False)
+    return policy
+
+
+class Simulator:
+    """One run: a workload through N instances under one policy.
+
+    ``cost``: the step-time truth (anything with ``predict(BatchShape)``). ``model``: the
+    PerfModel the system believes (what the workers' profiler would have fitted); the policy and
+    the LP/HP schedulers get it. ``migration``: how long KV copies take.
+    """
+
+    def __init__(self, cfg: SimConfig, cost, model: PerfModel, migration: MigrationCost) -> None:
+        self.cfg = cfg
+        self.cost = cost
+        self.model = model
+        self.link = migration
+        self.specs = plan_instances(cfg.policy, cfg.num_instances, cfg.num_hp)
+        self.instances = [SimInstance(s, cfg, cost, model) for s in self.specs]
+        self.policy = build_policy(cfg, self.specs)
+        self._on_tokens = getattr(self.policy, "on_tokens", None)
+        self._on_migrated = getattr(self.policy, "on_migrated", None)
+        self._on_failed = getattr(self.policy, "on_migration_failed", None)
+        for inst in self.instances:
+            self.policy.set_alive(inst.iid, True)
+            if hasattr(self.policy, "configure_instance"):
+                self.policy.configure_instance(inst.iid, model.to_list(), cfg.chunk_size, cfg.max_num_seqs)
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._counter = 0
+        self.active: dict[str, SimSequence] = {}
+        self.migrations: dict[str, _Migration] = {}
+        self.mstats = MigrationStats()
+        self.num_events = 0
+        self.escalations_by_reason: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ event queue
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (t, self._counter, kind, payload))
+
+    def run(self, workload) -> SimResult:
+        """workload: RequestSpec-like items (index, arrival_s, prompt_len, output_len), any order."""
+        cfg = self.cfg
+        arrivals = sorted(workload, key=lambda s: (s.arrival_s, s.index))
+        seqs: list[SimSequence] = []
+        heap = self._heap
+        # Report every instance's pool once, as a registering worker would.
+        for inst in self.instances:
+            self.policy.on_step(inst.iid, self._step_output(inst, None, 0.0, 0.0))
+        i, n = 0, len(arrivals)
+        while i < n or heap:
+            if heap and (i >= n or heap[0][0] <= arrivals[i].arrival_s):
+                t, _, kind, payload = heapq.heappop(heap)
+                if t < self.now:
+                    raise AssertionError(f"time went backwards: {t} < {self.now}")
+                self.now = t
+                if kind == _STEP:
+                    self._step_done(payload, t)
+                elif kind == _BULK_DONE:
+                    self._bulk_done(payload, t)
+                else:
+                    self._commit(payload, t)
+            else:
+                spec = arrivals[i]
+                i += 1
+                t = max(spec.arrival_s, self.now)
+                self.now = t
+                seq = SimSequence(spec.index, spec.prompt_len, spec.output_len, t, cfg.ttft_slo, cfg.tbt_slo,
+                                  SamplingParams(max_tokens=spec.output_len, ignore_eos=True))
+                seqs.append(seq)
+                self._arrive(seq, t)
+            self.num_events += 1
+            if cfg.check_invariants:
+                self.check_blocks()
+        for inst in self.instances:
+            if inst.scheduler.has_work() or inst.inflight is not None:
+                raise RuntimeError(f"instance {inst.iid} stopped with work left: "
+                                   f"{len(inst.scheduler.waiting)} waiting, {len(inst.scheduler.running)} running")
+        if self.migrations:
+            raise RuntimeError(f"{len(self.migrations)} migrations never finished")
+        return SimResult(seqs, self.now, self.mstats, [
+            {"instance": inst.iid, "role": inst.spec.role, "steps": inst.num_steps, "busy_s": inst.busy_s,
+             "preemptions": inst.scheduler.num_preemptions} for inst in self.instances], self.num_events)
+
+    # ------------------------------------------------------------------ arrivals
+    def _arrive(self, seq: SimSequence, t: float) -> None:
+        route = RouteRequest(seq.request_id, seq.num_prompt_tokens, seq.max_tokens, t, seq.ttft_slo, seq.tbt_slo)
+        iid = self.policy.route(route)
+        if iid is None:
+            self._fail(seq, "no instance could take the request")
+            return
+        self.policy.on_dispatch(iid, route)
+        inst = self.instances[iid]
+        err = inst.check(seq)
+        if err is not None:
+            self._fail(seq, err)
+            self.policy.on_finish(seq.request_id)
+            return
+        seq.instance = iid
+        self.active[seq.request_id] = seq
+        inst.scheduler.add(seq)
+        self._kick(inst, t)
+
+    def _fail(self, seq: SimSequence, error: str) -> None:
+        seq.error = error
+        seq.finish_reason = "error"
+        seq.done = True
+
+    # ------------------------------------------------------------------ instance steps
+    def _kick(self, inst: SimInstance, t: float) -> None:
+        """Start an iteration if the instance is idle and has something to run."""
+        if inst.inflight is not None or not inst.scheduler.has_work():
+            return
+        out = inst.scheduler.schedule(t)
+        if not out.scheduled:
+            return  # e.g. everything waits for blocks held by a migration; a later kick retries
+        pre = dec = pctx = dctx = pairs = 0
+        for s in out.scheduled:
+            n, ctx = s.num_tokens, s.context_len
+            if n == 1 and ctx > 0:
+                dec += 1
+                dctx += ctx + 1
+            else:
+                pre += n
+                pctx += ctx + n
+                pairs += n * (ctx + n)
+        dur = inst.cost.predict(BatchShape(pre, pairs, dec, dctx))
+        if not dur > 0:
+            dur = 1e-9  # time must move on for a non-empty batch
+        if dec:
+            inst._avg_context[0] = dctx / dec
+        inst.inflight = out
+        inst.inflight_shape = (pre, dec, pctx, dctx, pairs, dur)
+        self._push(t + dur, _STEP, inst)
+
+    def _step_done(self, inst: SimInstance, t: float) -> None:
+        out = inst.inflight
+        inst.inflight = None
+        sched = inst.scheduler
+        sched.commit(out)
+        max_len = inst.max_model_len
+        record = self.cfg.record_token_times
+        on_tokens = self._on_tokens
+        policy = self.policy
+        finished = []
+        for s in out.scheduled:
+            if not s.samples:
+                continue
+            seq = s.seq
+            seq.token_ids.append(_TOKEN)
+            first = seq.first_token_time is None
+            if first:
+                seq.first_token_time = t
+            seq.last_token_time = t
+            if record:
+                seq.token_times.append(t)
+            if on_tokens is not None:
+                on_tokens(seq.request_id, 1, t)
+            elif first:
+                policy.on_first_token(seq.request_id)
+            ntok = len(seq.token_ids)
+            if ntok - seq.num_prompt_tokens >= seq.max_tokens or ntok >= max_len:
+                seq.finish_reason = "length"
+                sched.remove(seq)
+                finished.append(seq)
+        for seq in finished:
+            seq.done = True
+            del self.active[seq.request_id]
+            policy.on_finish(seq.request_id)
+        inst.num_steps += 1
+        inst.busy_s += inst.inflight_shape[5]
+        escalations = policy.on_step(inst.iid, self._step_output(inst, out, t, inst.inflight_shape[5]))
+        for esc in escalations:
+            self._escalate(esc, t)
+        if inst.pending_freezes:
+            pending, inst.pending_freezes = inst.pending_freezes, []
+            for mig in pending:
+                self._freeze(mig, t)
+        self._kick(inst, t)
+
+    def _step_output(self, inst: SimInstance, out: SchedulerOutput | None, t: float, dur: float) -> StepOutput:
+        sched = inst.scheduler
+        if out is None:
+            pre = dec = pctx = dctx = pairs = nseq = npre = 0
+        else:
+            pre, dec, pctx, dctx, pairs, _ = inst.inflight_shape
+            nseq, npre = len(out.scheduled), len(out.preempted)
+        # outputs stay empty: the simulator reports tokens through on_tokens/on_finish instead.
+        return StepOutput(
+            worker_id=inst.iid, step=inst.num_steps, outputs=[], num_seqs=nseq, num_prefill_tokens=pre,
+            num_decode_tokens=dec, prefill_context_tokens=pctx, decode_context_tokens=dctx, step_time=dur,
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_preempted=npre,
+            free_blocks=inst.blocks.num_free, total_blocks=inst.blocks.num_blocks, time=t,
+            prefill_attention_pairs=pairs)
+
+    # ------------------------------------------------------------------ escalation
+    def _refuse(self, rid: str, t: float) -> None:
+        self.mstats.failed += 1
+        if self._on_failed is not None:
+            self._on_failed(rid, t)
+
+    def _escalate(self, esc, t: float) -> None:
+        rid = esc.request_id
+        self.escalations_by_reason[esc.reason] = self.escalations_by_reason.get(esc.reason, 0) + 1
+        seq = self.active.get(rid)
+        if seq is None:
+            return  # finished already; the policy heard on_finish
+        if rid in self.migrations:
+            return  # already moving
+        if seq.instance != esc.src or esc.dst == esc.src or not 0 <= esc.dst < len(self.instances):
+            self._refuse(rid, t)
+            return
+        src, dst = self.instances[esc.src], self.instances[esc.dst]
+        if not seq.block_table and seq.status is SeqStatus.WAITING:
+            self._move_waiting(seq, src, dst, t)
+            return
+        if not self.cfg.escalate_started:
+            # The paper's code only offloads requests that were never scheduled.
+            self.mstats.filtered += 1
+            if self._on_failed is not None:
+                self._on_failed(rid, t)
+            return
+        snap = seq.num_computed_tokens // self.link.block_size
+        try:
+            dst_blocks = dst.blocks.allocate(snap)
+        except OutOfBlocks:
+            self._refuse(rid, t)
+            return
+        mig = _Migration(seq, src.iid, dst.iid, dst_blocks, snap, seq.num_preemptions, t)
+        self.migrations[rid] = mig
+        self._push(t + self.link.blocks_time(snap), _BULK_DONE, mig)
+
+    def _move_waiting(self, seq: SimSequence, src: SimInstance, dst: SimInstance, t: float) -> None:
+        src.scheduler.detach(seq)
+        dst.scheduler.add(seq)
+        seq.instance = dst.iid
+        seq.num_migrations += 1
+        self.mstats.moved_waiting += 1
+        if self._on_migrated is not None:
+            self._on_migrated(seq.request_id, dst.iid, t)
+        self._kick(dst, t)
+
+    def _bulk_done(self, mig: _Migration, t: float) -> None:
+        src = self.instances[mig.src]
+        if src.inflight is not None:
+            src.pending_freezes.append(mig)  # the worker acts on messages between iterations
+        else:
+            self._freeze(mig, t)
+
+    def _freeze(self, mig: _Migration, t: float) -> None:
+        seq, src, dst = mig.seq, self.instances[mig.src], self.instances[mig.dst]
+        rid = seq.request_id
+        if seq.done:
+            del self.migrations[rid]
+            dst.blocks.free(mig.dst_blocks)
+            self.mstats.cancelled += 1
+            self._kick(dst, t)
+            return
+        if seq.num_preemptions != mig.preemptions or not seq.block_table:
+            # The source dropped its KV meanwhile: the copy is void.
+            del self.migrations[rid]
+            dst.blocks.free(mig.dst_blocks)
+            if not seq.block_table and seq.status is SeqStatus.WAITING:
+                self._move_waiting(seq, src, dst, t)
+            else:
+                self._refuse(rid, t)
+            self._kick(dst, t)
+            return
+        need = blocks_for(seq.num_computed_tokens, self.link.block_size) - mig.snapshot_blocks
+        if need > dst.blocks.num_free:
+            del self.migrations[rid]
+            dst.blocks.free(mig.dst_blocks)
+            self._refuse(rid, t)
+            self._kick(dst, t)
+            return
+        if need > 0:
+            mig.dst_blocks.extend(dst.blocks.allocate(need))
+        src.scheduler.detach(seq)
+        mig.frozen_at = t
+        self.mstats.blocks_copied += len(mig.dst_blocks)
+        self._push(t + self.link.blocks_time(max(need, 1)), _COMMIT, mig)
+
+    def _commit(self, mig: _Migration, t: float) -> None:
+        seq, src, dst = mig.seq, self.instances[mig.src], self.instances[mig.dst]
+        del self.migrations[seq.request_id]
+        src.blocks.release(seq)
+        seq.block_table = mig.dst_blocks
+        seq.instance = dst.iid
+        seq.num_migrations += 1
+        dst.scheduler.attach(seq)
+        self.mstats.moved_kv += 1
+        self.mstats.frozen_s += t - mig.frozen_at
+        if self._on_migrated is not None:
+            self._on_migrated(seq.request_id, dst.iid, t)
+        self._kick(dst, t)
+        self._kick(src, t)
+
+    # ------------------------------------------------------------------ invariants
+    def check_blocks(self) -> None:
+        """Every allocated block is held by exactly one request or one migration reservation."""
+        held = [0] * len(self.instances)
+        for seq in self.active.values():
+            if seq.block_table:
+                held[seq.instance] += len(seq.block_table)
+        for mig in self.migrations.values():
+            held[mig.dst] += len(mig.dst_blocks)
+        for inst in self.instances:
+            if inst.blocks.num_used != held[inst.iid]:
+                raise AssertionError(f"instance {inst.iid}: {inst.blocks.num_used} blocks used, "
+                                     f"{held[inst.iid]} accounted for at t={self.now}")
+
+
+def ended_ok(seq: SimSequence) -> bool:
+    return seq.error is None and seq.num_output_tokens >= seq.max_tokens
+
