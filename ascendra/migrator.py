@@ -35,7 +35,8 @@ class Migration:
     stage: str = "out"  # out -> precopy -> freeze -> commit -> done
     kind: str = ""  # "waiting" (moved as a request) or "kv"
     frozen_at: float | None = None
-    blocks_copied: int = 0
+    blocks_copied: int = 0  # in all
+    frozen_blocks: int = 0  # of which copied while the request was frozen
     copy_time: float = 0.0
     tokens_at_freeze: int = 0
     # Set when it ends.
@@ -99,6 +100,7 @@ class Migrator:
             return None
         if up.stage == "committed":
             m.blocks_copied += up.blocks_copied
+            m.frozen_blocks = up.blocks_copied
             m.copy_time += up.copy_time
             self.send(m.src, MigrateRelease(rid))
             return MigrationResult(self._end(m, True))

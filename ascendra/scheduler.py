@@ -58,7 +58,7 @@ class ScheduledSeq:
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.context_len + self.num_tokens == self.seq.num_tokens
+        self.samples = self.context_len + self.num_tokens == len(self.seq.token_ids)
 
 
 @dataclass
@@ -205,21 +205,25 @@ class Scheduler:
 
     def _schedule_decodes(self, out: SchedulerOutput, key: Callable[[Sequence], float]) -> int:
         """Schedule every running decode, preempting from the low-priority end for blocks."""
-        self.running.sort(key=key)
+        running = self.running  # _preempt edits this same list in place
+        running.sort(key=key)
+        grow = self.blocks.grow
+        append = out.scheduled.append
         scheduled = 0
         i = 0
-        while i < len(self.running):
-            seq = self.running[i]
+        while i < len(running):
+            seq = running[i]
             if not seq.is_decoding:
                 i += 1
                 continue
-            while not self.blocks.grow(seq, seq.num_tokens):
-                victim = self.running[-1]
+            while not grow(seq, len(seq.token_ids)):
+                victim = running[-1]
                 self._preempt(victim, out)
+                append = out.scheduled.append  # _preempt rebuilds out.scheduled
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
+                append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
                 scheduled += 1
                 i += 1
                 continue

@@ -61,7 +61,9 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         """Only the last sampled token is missing from the pool."""
-        return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
+        # Inlined lengths: the scheduler asks this of every running request every step.
+        n = len(self.token_ids)
+        return n - self.num_computed_tokens == 1 and n > self.num_prompt_tokens
 
     @property
     def has_started(self) -> bool:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
 
-VIDUR_A100_TABLE = Path("..") / "shared" / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv"
+# ../shared next to the repository root (override with the CLI's --shared).
+DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+VIDUR_A100_TABLE = DEFAULT_SHARED / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv"
 # Per-layer operators in the table; "add" runs twice per layer (two residual adds).
 _LAYER_OPS = {"input_layernorm": 1, "attn_pre_proj": 1, "attn_rope": 1, "attn_post_proj": 1,
               "post_attention_layernorm": 1, "mlp_up_proj": 1, "mlp_act": 1, "mlp_down_proj": 1, "add": 2}

@@ -52,8 +52,9 @@ class SimConfig:
     tbt_slo: float | None = 0.15
     # Ascendra: escalate started requests with their KV (ours) or only unstarted ones (the paper's code).
     escalate_started: bool = True
-    # Give the LP/HP schedulers the fitted model (LP slack ordering, HP latency budget).
-    scheduler_uses_model: bool = True
+    # Give the LP/HP schedulers the fitted model (LP slack ordering with predicted prefill time,
+    # HP latency budget). Off mirrors the real worker, whose Engine builds its Scheduler without it.
+    scheduler_uses_model: bool = False
     record_token_times: bool = True  # per-token times (ITL and p99-TBT metrics need them)
     check_invariants: bool = False  # verify block accounting after every event (tests)
 
@@ -168,17 +169,18 @@ class Simulator:
 
     ``cost``: the step-time truth (anything with ``predict(BatchShape)``). ``model``: the
     PerfModel the system believes (what the workers' profiler would have fitted); the policy and
-    the LP/HP schedulers get it. ``migration``: how long KV copies take.
+    the LP/HP schedulers get it. ``migration``: how long KV copies take. ``policy``: a Policy to
+    use instead of ``make_policy(cfg.policy)`` (tests).
     """
 
-    def __init__(self, cfg: SimConfig, cost, model: PerfModel, migration: MigrationCost) -> None:
+    def __init__(self, cfg: SimConfig, cost, model: PerfModel, migration: MigrationCost, policy=None) -> None:
         self.cfg = cfg
         self.cost = cost
         self.model = model
         self.link = migration
         self.specs = plan_instances(cfg.policy, cfg.num_instances, cfg.num_hp)
         self.instances = [SimInstance(s, cfg, cost, model) for s in self.specs]
-        self.policy = build_policy(cfg, self.specs)
+        self.policy = build_policy(cfg, self.specs) if policy is None else policy
         self._on_tokens = getattr(self.policy, "on_tokens", None)
         self._on_migrated = getattr(self.policy, "on_migrated", None)
         self._on_failed = getattr(self.policy, "on_migration_failed", None)
@@ -302,36 +304,40 @@ class Simulator:
         sched.commit(out)
         max_len = inst.max_model_len
         record = self.cfg.record_token_times
-        on_tokens = self._on_tokens
-        policy = self.policy
-        finished = []
+        sampled: list[SimSequence] = []
+        finished: list[SimSequence] = []
         for s in out.scheduled:
             if not s.samples:
                 continue
             seq = s.seq
             seq.token_ids.append(_TOKEN)
-            first = seq.first_token_time is None
-            if first:
-                seq.first_token_time = t
-            seq.last_token_time = t
+            sampled.append(seq)
             if record:
                 seq.token_times.append(t)
-            if on_tokens is not None:
-                on_tokens(seq.request_id, 1, t)
-            elif first:
-                policy.on_first_token(seq.request_id)
             ntok = len(seq.token_ids)
             if ntok - seq.num_prompt_tokens >= seq.max_tokens or ntok >= max_len:
                 seq.finish_reason = "length"
                 sched.remove(seq)
                 finished.append(seq)
+        inst.num_steps += 1
+        dur = inst.inflight_shape[5]
+        inst.busy_s += dur
+        # The coordinator's order (Coordinator._on_step): the step goes to the policy first, then
+        # each request's tokens, then finishes; escalations act at the workers' next boundary.
+        policy = self.policy
+        escalations = policy.on_step(inst.iid, self._step_output(inst, out, t, dur))
+        on_tokens = self._on_tokens
+        for seq in sampled:
+            if seq.first_token_time is None:
+                seq.first_token_time = t
+                policy.on_first_token(seq.request_id)
+            seq.last_token_time = t
+            if on_tokens is not None:
+                on_tokens(seq.request_id, 1, t)
         for seq in finished:
             seq.done = True
             del self.active[seq.request_id]
             policy.on_finish(seq.request_id)
-        inst.num_steps += 1
-        inst.busy_s += inst.inflight_shape[5]
-        escalations = policy.on_step(inst.iid, self._step_output(inst, out, t, inst.inflight_shape[5]))
         for esc in escalations:
             self._escalate(esc, t)
         if inst.pending_freezes:

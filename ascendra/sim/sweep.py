@@ -77,8 +77,10 @@ def to_request_results(res: SimResult) -> list[metrics.RequestResult]:
     return out
 
 
-def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpec] | None = None) -> dict:
-    """One point: {"summary": bench summary, "error": None, "sim": simulator details}."""
+def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpec] | None = None,
+             with_requests: bool = False) -> dict:
+    """One point: {"summary": bench summary, "error": None, "sim": simulator details}; with_requests
+    adds bench.serve's per-request rows."""
     cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
@@ -88,7 +90,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
     results = to_request_results(res)
     summary = metrics.summarize(results, res.end_time - (specs[0].arrival_s if specs else 0.0),
                                 cfg.ttft_slo, cfg.tbt_slo)
-    return {
+    out = {
         "summary": summary,
         "error": None,
         "policy": variant.name,
@@ -99,6 +101,11 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
             "instances": res.instances,
         },
     }
+    if with_requests:
+        from bench.serve import request_dict
+
+        out["requests"] = [request_dict(r) for r in results]
+    return out
 
 
 def search_capacity(run_point: Callable[[float], dict], rates: Sequence[float] | None, threshold: float = 0.9,

@@ -1,0 +1,353 @@
+"""python -m ascendra.sim: simulate N serving instances under vllm / sarathi / ascendra.
+
+Examples:
+    # The paper's setup on simulated A100s (capacities per policy, ratio, ablation, figures)
+    python -m ascendra.sim --scenario paper-llama3-8b-a100 --out results/sim-paper
+    # One point: 3 instances, ShareGPT-like lengths at 30 req/s
+    python -m ascendra.sim --policy sarathi,ascendra --dataset sharegpt --rate 30 --num-requests 2000
+    # A capacity sweep with a step-time model fitted on a real device
+    python -m ascendra.sim --cost profile:~/.cache/ascendra/profiles/X.json --dataset sharegpt --out results/sim
+    python -m ascendra.sim --bench-speed      # 10,000 requests on 3 instances, one core
+    python -m ascendra.sim --fidelity         # real CPU server vs simulator, side by side
+
+The last line of stdout is one JSON object (capacities, ratio vs the best baseline, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from bench.compare import markdown, plot, rate_tag
+from bench.serve import add_slo_args, add_workload_args, format_table, workload_config, write_json
+from bench.workloads import load_trace
+from ascendra.perf_model import PerfModel
+from ascendra.sim import costs
+from ascendra.sim.engine import SimConfig
+from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
+from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary
+
+DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ascendra.sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("mode")
+    m.add_argument("--scenario", choices=sorted(SCENARIOS), default=None, help="a named experiment")
+    m.add_argument("--bench-speed", action="store_true", help="time 10,000 requests on 3 instances")
+    m.add_argument("--fidelity", action="store_true",
+                   help="real CPU server (tiny model, 2 sarathi instances) vs the simulator at three rates")
+    m.add_argument("--out", default=None, help="directory for summary.json, summary.md and plots")
+    m.add_argument("--json", default=None, help="single --rate: write every point with per-request rows here")
+    s = p.add_argument_group("system")
+    s.add_argument("--policy", default=None,
+                   help=f"comma-separated: {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; "
+                        "ascendra-unstarted = escalate only before prefill, the paper's code)")
+    s.add_argument("--ablation", action="store_true", help="add ascendra-unstarted to the policies")
+    s.add_argument("--num-instances", type=int, default=None, help="default 3")
+    s.add_argument("--num-hp", type=int, default=None, help="ascendra HP instances (default a third)")
+    s.add_argument("--cost", default=None,
+                   help="step-time source: a100 (vidur table + attention model, default), "
+                        "profile:PATH (PerfModel JSON {\"coef\": [...]}), coef:[c0,...]")
+    s.add_argument("--shared", default=str(costs.DEFAULT_SHARED), help="the shared data directory")
+    s.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks per instance (default: a100 memory model; 4096 otherwise)")
+    s.add_argument("--block-size", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=None)
+    s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--link", default=None, help=f"KV link: {', '.join(costs.LINKS)} or GB/s (default pcie4)")
+    s.add_argument("--link-latency", type=float, default=1e-3, help="fixed seconds per copy")
+    s.add_argument("--kv-bytes-per-token", type=int, default=None,
+                   help="default: Llama-3-8B bf16 (131072)")
+    s.add_argument("--scheduler-model", action="store_true",
+                   help="give the LP/HP schedulers the fitted model (the real worker does not, yet)")
+    s.add_argument("--no-token-times", action="store_true", help="skip per-token times (no ITL/p99 metrics)")
+    r = p.add_argument_group("rates")
+    r.add_argument("--rate", type=float, default=None, help="one rate (req/s): a single point per policy")
+    r.add_argument("--rates", default=None, help="comma-separated rates for a capacity sweep")
+    r.add_argument("--start-rate", type=float, default=None, help="adaptive sweep starts here")
+    r.add_argument("--refine", type=int, default=4, help="bisection steps around the 90%% crossing")
+    r.add_argument("--threshold", type=float, default=0.9)
+    r.add_argument("--stop-below", type=float, default=0.5)
+    r.add_argument("--jobs", type=int, default=None, help="processes (default: CPU count)")
+    add_workload_args(p)
+    add_slo_args(p, None, None)
+    f = p.add_argument_group("fidelity")
+    f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity")
+    f.add_argument("--profile", default=None, help="--fidelity: profile JSON for the CPU (default: fit one)")
+    f.add_argument("--skip-server", action="store_true", help="--fidelity: reuse saved server results in --out")
+    return p
+
+
+# ------------------------------------------------------------------ setups
+
+
+def link_bandwidth(spec: str | None) -> float:
+    if spec is None:
+        return costs.LINKS["pcie4"]
+    if spec in costs.LINKS:
+        return costs.LINKS[spec]
+    return float(spec) * 1e9
+
+
+def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | None) -> Setup:
+    shared = Path(a.shared)
+    cost_spec = a.cost or (sc.cost if sc else "a100")
+    cost = costs.make_cost(cost_spec, shared)
+    # What the system believes: a PerfModel as its profiler would fit it on this "device".
+    model = cost if isinstance(cost, PerfModel) else costs.fit_perf_model(cost)
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    block_size = pick(a.block_size, sc.block_size if sc else 16)
+    kv_bytes = a.kv_bytes_per_token or costs.LLAMA3_8B.kv_bytes_per_token
+    if a.num_blocks:
+        num_blocks = a.num_blocks
+    elif cost_spec == "a100":
+        num_blocks = costs.kv_pool_blocks(costs.A100_80GB, costs.LLAMA3_8B, block_size)
+    else:
+        num_blocks = 4096
+    ttft = pick(a.ttft_slo, wl.ttft_slo if wl else 1.0)
+    tbt = pick(a.tbt_slo, wl.tbt_slo if wl else 0.15)
+    cfg = SimConfig(
+        num_instances=pick(a.num_instances, sc.num_instances if sc else 3),
+        num_hp=pick(a.num_hp, sc.num_hp if sc else None),
+        num_blocks=num_blocks, block_size=block_size,
+        max_num_seqs=pick(a.max_num_seqs, sc.max_num_seqs if sc else 128),
+        chunk_size=pick(a.chunk_size, sc.chunk_size if sc else 512),
+        max_model_len=pick(a.max_model_len, sc.max_model_len if sc else 8192),
+        ttft_slo=ttft, tbt_slo=tbt, scheduler_uses_model=a.scheduler_model,
+        record_token_times=not a.no_token_times)
+    wcfg = workload_config(a, None)
+    if wl is not None:
+        wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals,
+                       num_requests=a.num_requests or (sc.num_requests if sc else None))
+    elif wcfg.dataset == "fixed" and a.dataset is None:
+        wcfg = replace(wcfg, dataset="sharegpt")
+    if wcfg.num_requests is None and wcfg.duration_s is None:
+        wcfg = replace(wcfg, num_requests=2000)
+    trace = None
+    if wcfg.dataset == "trace":
+        trace = load_trace(a.trace or shared / "traces" / "azure_llm_2023_conv.csv")
+        if wl is None and wcfg.arrivals == "auto":
+            wcfg = replace(wcfg, arrivals="poisson")  # rates are swept: Poisson, as the paper's setup
+    label = "Llama-3.1-8B on A100-80GB (simulated)" if cost_spec == "a100" else f"simulated ({cost_spec})"
+    link = costs.MigrationCost(kv_bytes, block_size, link_bandwidth(a.link or (sc.link if sc else None)),
+                               a.link_latency)
+    notes = [f"step time: {'vidur A100 operator table + attention model' if cost_spec == 'a100' else cost_spec}; "
+             f"system's fitted model coef {costs.fmt_coef(model)}",
+             f"{num_blocks} KV blocks of {block_size} tokens per instance; KV link "
+             f"{link.bandwidth_bytes_s / 1e9:g} GB/s + {link.latency_s * 1e3:g} ms",
+             f"schedulers {'use' if a.scheduler_model else 'do not use'} the fitted model (as the real worker)"]
+    return Setup(cfg, wcfg, cost, model, link, trace, label, notes)
+
+
+def variants_from(a: argparse.Namespace, sc: Scenario | None) -> list[str]:
+    names = [v.strip() for v in (a.policy or (",".join(sc.variants) if sc else DEFAULT_VARIANTS)).split(",") if v.strip()]
+    if a.ablation and "ascendra-unstarted" not in names:
+        names.append("ascendra-unstarted")
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise SystemExit(f"error: unknown policy {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+# ------------------------------------------------------------------ sweeps (one process per task)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _search(task: tuple) -> tuple:
+    key, setup, vname, rates, start, a_threshold, a_stop, refine = task
+    variant = VARIANTS[vname]
+
+    def point(rate: float) -> dict:
+        res = simulate(setup, variant, rate)
+        s = res["summary"]
+        _log(f"  {key:>10} {vname:>18} @ {rate:8.3g} req/s: attainment {s['attainment']:6.1%}  "
+             f"TTFT p99 {s['ttft_p99_s'] or 0:7.3f}s  escalations {sum(res['sim']['escalations'].values()):4d}  "
+             f"({res['sim']['wall_s']:.1f}s)")
+        return res
+
+    pts = search_capacity(point, rates, a_threshold, a_stop, start, refine)
+    return key, vname, pts
+
+
+def run_tasks(tasks: list[tuple], jobs: int) -> list[tuple]:
+    if jobs <= 1 or len(tasks) <= 1:
+        return [_search(t) for t in tasks]
+    ctx = mp.get_context("fork")
+    with ctx.Pool(min(jobs, len(tasks))) as pool:
+        return pool.map(_search, tasks, chunksize=1)
+
+
+def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dict[float, dict]],
+                          threshold: float, extra: dict) -> dict:
+    summary = sweep_summary(pts, setup, threshold, extra | {"workload": name})
+    caps = summary["capacity_rps"]
+    summary["ratio_vs_best_baseline"] = ratio(caps)
+    if "ascendra-unstarted" in caps:
+        summary["ablation"] = {"escalate_any_stage": caps.get("ascendra"),
+                               "escalate_before_prefill_only": caps.get("ascendra-unstarted"),
+                               "ratio_any_stage_vs_before_prefill":
+                                   ratio(caps, "ascendra", ("ascendra-unstarted",))}
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    for p, by_rate in pts.items():
+        for r, res in by_rate.items():
+            write_json(str(d / "points" / p / f"{rate_tag(r)}.json"), res)
+    write_json(str(d / "summary.json"), summary)
+    md = f"## {name}\n\n" + markdown(summary) + _extra_markdown(summary)
+    (d / "summary.md").write_text(md)
+    plot(summary, d / "attainment.png")
+    return summary
+
+
+def _extra_markdown(summary: dict) -> str:
+    lines = [""]
+    if summary.get("ratio_vs_best_baseline") is not None:
+        lines.append(f"Ascendra capacity / best baseline: {summary['ratio_vs_best_baseline']:.2f}x")
+    ab = summary.get("ablation")
+    if ab:
+        g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+        lines.append(f"Ablation: escalation at every stage {g(ab['escalate_any_stage'])} req/s vs only before "
+                     f"prefill {g(ab['escalate_before_prefill_only'])} req/s")
+    rows = [pt for pt in summary["points"] if pt["policy"].startswith("ascendra")]
+    if rows:
+        lines += ["", "| policy | rate | escalations | moved unstarted | moved with KV | failed | frozen (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for pt in rows:
+            mg = pt["migrations"]
+            lines.append(f"| {pt['policy']} | {pt['rate']:g} | {sum(pt['escalations'].values())} | "
+                         f"{mg['moved_waiting']} | {mg['moved_kv']} | {mg['failed'] + mg['filtered']} | "
+                         f"{mg['frozen_s']:.3f} |")
+    lines += [""] + [f"- {n}" for n in summary.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
+    out = Path(a.out) if a.out else None
+    workloads = list(sc.workloads) if sc else [None]
+    names = variants_from(a, sc)
+    rates = sorted(float(r) for r in a.rates.split(",")) if a.rates else None
+    setups: dict[str, Setup] = {}
+    tasks = []
+    for wl in workloads:
+        key = wl.name if wl else (a.dataset or "sharegpt")
+        setup = make_setup(a, sc, wl)
+        setups[key] = setup
+        start = a.start_rate or (wl.start_rate if wl else 4.0)
+        for v in names:
+            tasks.append((key, setup, v, rates, start, a.threshold, a.stop_below, a.refine))
+    t0 = time.perf_counter()
+    _log(f"simulating {len(tasks)} capacity searches on {a.jobs or os.cpu_count()} processes")
+    results = run_tasks(tasks, a.jobs or os.cpu_count() or 1)
+    pts: dict[str, dict[str, dict[float, dict]]] = {k: {} for k in setups}
+    for key, vname, p in results:
+        pts[key][vname] = p
+    report: dict = {"scenario": sc.name if sc else None, "workloads": {}}
+    md = [f"# {sc.description if sc else 'Simulated capacity'}", ""]
+    for key, setup in setups.items():
+        if out is not None:
+            summary = write_workload_report(out, key, setup, pts[key], a.threshold,
+                                            {"scenario": sc.name if sc else None})
+        else:
+            summary = sweep_summary(pts[key], setup, a.threshold, {})
+            summary["ratio_vs_best_baseline"] = ratio(summary["capacity_rps"])
+        md.append(f"## {key}\n\n" + markdown(summary) + _extra_markdown(summary))
+        report["workloads"][key] = {k: summary.get(k) for k in ("capacity_rps", "capacity", "ratio_vs_best_baseline",
+                                                                "ablation", "slo")}
+    first = report["workloads"][next(iter(setups))]
+    report["capacity_rps"] = first["capacity_rps"]
+    report["ratio_vs_best_baseline"] = first["ratio_vs_best_baseline"]
+    if first.get("ablation"):
+        report["ablation"] = first["ablation"]
+    report["wall_s"] = time.perf_counter() - t0
+    text = "\n".join(md)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(str(out / "summary.json"), report)
+        (out / "summary.md").write_text(text)
+        _log(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {', '.join(str(out / k / 'attainment.png') for k in setups)}")
+    last = {"capacity_rps": report["capacity_rps"], "ratio_vs_best_baseline": report["ratio_vs_best_baseline"]}
+    if len(setups) > 1:
+        last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"]}
+                             for k, v in report["workloads"].items()}
+    if report.get("ablation"):
+        last["ablation"] = {k: {"ascendra": v["ablation"]["escalate_any_stage"],
+                                "ascendra-unstarted": v["ablation"]["escalate_before_prefill_only"]}
+                            for k, v in report["workloads"].items() if v.get("ablation")}
+    print(json.dumps(last))
+    return 0
+
+
+def point_main(a: argparse.Namespace) -> int:
+    """One rate, each policy: the bench.serve table per policy and a JSON headline."""
+    setup = make_setup(a, None, None)
+    heads = {}
+    full = {}
+    specs = setup.requests(a.rate)
+    for v in variants_from(a, None):
+        res = simulate(setup, VARIANTS[v], a.rate, specs, with_requests=bool(a.json))
+        res["server"] = {"prompt_mode": "simulated", "ignore_eos": True, "token_counts_from": "simulator"}
+        print(f"{v} @ {a.rate:g} req/s, {len(specs)} requests (simulated in {res['sim']['wall_s']:.2f}s)")
+        print(format_table(res))
+        s = res["summary"]
+        heads[v] = {"attainment": s["attainment"], "goodput_rps": s["goodput_rps"], "ttft_p50_s": s["ttft_p50_s"],
+                    "ttft_p99_s": s["ttft_p99_s"], "tbt_mean_p99_s": s["tbt_mean_p99_s"],
+                    "escalations": res["sim"]["escalations"], "migrations": res["sim"]["migrations"]}
+        if a.json:
+            full[v] = res
+    if a.json:
+        write_json(a.json, {"rate": a.rate, "points": full, "notes": setup.notes})
+    print(json.dumps({"rate": a.rate, "policies": heads}))
+    return 0
+
+
+def bench_speed(a: argparse.Namespace) -> int:
+    """10,000 ShareGPT-like requests on 3 simulated A100 instances, per policy, in this process."""
+    n = a.num_requests or 10_000
+    a.num_requests = n
+    setup = make_setup(a, None, None)
+    rate = a.rate or 40.0
+    specs = setup.requests(rate)
+    times, last = {}, {}
+    for v in variants_from(a, None):
+        t = time.perf_counter()
+        res = simulate(setup, VARIANTS[v], rate, specs)
+        times[v] = round(time.perf_counter() - t, 2)
+        last[v] = res["summary"]["attainment"]
+        print(f"{v:>18}: {n} requests at {rate:g} req/s on {setup.sim.num_instances} instances: "
+              f"{times[v]:.2f}s wall ({res['sim']['wall_s']:.2f}s simulating, rest scoring), "
+              f"{res['sim']['events']} events, {res['sim']['simulated_s']:.0f}s simulated, "
+              f"attainment {last[v]:.1%}")
+    print(json.dumps({"requests": n, "rate": rate, "wall_s": times, "attainment": last,
+                      "within_10s": all(t <= 10 for t in times.values())}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.fidelity:
+        from ascendra.sim.fidelity import fidelity_main
+        return fidelity_main(a)
+    if a.bench_speed:
+        return bench_speed(a)
+    sc = SCENARIOS[a.scenario] if a.scenario else None
+    if a.rate is not None and sc is None and not a.rates:
+        return point_main(a)
+    return sweep_main(a, sc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
