@@ -48,6 +48,8 @@ class CoordinatorConfig:
     num_instances: int = 1
     policy: str = "vllm"
     num_hp: int | None = None
+    escalate_started: bool = True  # ascendra: move started requests with their KV
+    force_escalation_after: int | None = None  # ascendra: escalate every LP request (testing)
     ttft_slo: float = 1.0
     tbt_slo: float = 0.15
     max_waiting: int = 1024
@@ -238,10 +240,11 @@ class Coordinator:
         self.metrics = ServerMetrics()
         devices = expand_devices(config.device, config.num_instances)
         self.specs = plan_instances(config.policy, len(devices), config.num_hp)
-        self.policy: Policy = make_policy(config.policy, self.specs)
+        self.policy: Policy = make_policy(config.policy, self.specs, escalate_started=config.escalate_started,
+                                          force_escalation_after=config.force_escalation_after)
         self.workers = [WorkerHandle(spec, dev) for spec, dev in zip(self.specs, devices)]
         self.requests: dict[str, RequestState] = {}
-        self.migrator = Migrator(self._send)
+        self.migrator = Migrator(self._send, allow_kv=config.escalate_started)
         self._frozen_since: dict[str, float] = {}  # escalated while decoding: frozen at, until its next token
         self.num_unstarted = 0  # admitted requests without a first token (the bounded queue)
         self.model_info: m.ModelInfo | None = None

@@ -53,8 +53,10 @@ class MigrationResult:
 
 
 class Migrator:
-    def __init__(self, send: Callable[[int, msgspec.Struct], bool]) -> None:
+    def __init__(self, send: Callable[[int, msgspec.Struct], bool], allow_kv: bool = True) -> None:
         self.send = send
+        # False reproduces the paper's code: only requests that have not started may move.
+        self.allow_kv = allow_kv
         self.active: dict[str, Migration] = {}
 
     def start(self, esc: Escalation, now: float) -> Migration | None:
@@ -76,6 +78,9 @@ class Migrator:
         if up.stage == "moved":
             m.kind = "waiting"
             return MigrationResult(self._end(m, True), moved_state=up.state)
+        if up.stage == "snapshot" and not self.allow_kv:
+            self.send(m.src, MigrateCancel(rid))
+            return MigrationResult(self._end(m, False, "already started"))
         if up.stage == "snapshot":
             m.kind = "kv"
             m.stage = "precopy"

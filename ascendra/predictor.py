@@ -64,9 +64,12 @@ class AscendraPolicy(Policy):
     name = "ascendra"
 
     def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
-                 max_incoming_per_hp: int = 2, retry_delay: float = 0.5) -> None:
+                 max_incoming_per_hp: int = 2, retry_delay: float = 0.5,
+                 force_escalation_after: int | None = None) -> None:
         super().__init__(specs)
         self.escalate_started = escalate_started
+        # Testing and measurement: escalate every LP request after this many tokens.
+        self.force_after = force_escalation_after
         self.max_incoming = max_incoming_per_hp
         self.retry_delay = retry_delay
         self.state = {s.instance_id: _Instance(PerfModel()) for s in specs}
@@ -82,7 +85,7 @@ class AscendraPolicy(Policy):
 
     def route(self, req: RouteRequest) -> int | None:
         now = req.arrival_time
-        hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, req.arrival_time + (req.ttft_slo or math.inf),
+        hp = None if self.force_after is not None else self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, req.arrival_time + (req.ttft_slo or math.inf),
                            req.tbt_slo, now, started=False, new_request=True)
         if hp is not None:
             return hp
@@ -185,7 +188,22 @@ class AscendraPolicy(Policy):
         remaining = max(r.max_tokens - r.n_out, 0)
         return (r.last - r.first + remaining * step) / (r.max_tokens - 1)
 
+    def _forced(self, instance_id: int, now: float) -> list[Escalation]:
+        out = []
+        hps = [i.instance_id for i in self.instances if i.role == "hp" and i.alive]
+        for r in self.reqs.values():
+            if r.instance_id != instance_id or r.migrating or now < r.retry_after or not hps:
+                continue
+            if r.n_out >= self.force_after and (self.escalate_started or r.n_out == 0):
+                dst = min(hps, key=lambda i: self.state[i].incoming)
+                r.migrating, r.dst = True, dst
+                self.state[dst].incoming += 1
+                out.append(Escalation(r.request_id, instance_id, dst, "forced"))
+        return out
+
     def _escalations(self, instance_id: int, now: float) -> list[Escalation]:
+        if self.force_after is not None:
+            return self._forced(instance_id, now)
         st = self.state[instance_id]
         margin = 1.0 + st.perf.error_quantile(0.9)
         at_risk: list[tuple[float, _Req, str]] = []

@@ -238,13 +238,13 @@ class LeastLoadedPolicy(Policy):
         return inst.instance_id if inst is not None else None
 
 
-def make_policy(policy: str, specs: list[InstanceSpec]) -> Policy:
+def make_policy(policy: str, specs: list[InstanceSpec], **ascendra_options) -> Policy:
     if policy in ("vllm", "sarathi"):
         return RoundRobinPolicy(specs, name=policy)
     if policy == "ascendra":
         from ascendra.predictor import AscendraPolicy  # it builds on this module
 
-        return AscendraPolicy(specs)
+        return AscendraPolicy(specs, **ascendra_options)
     raise ValueError(f"unknown policy {policy!r}")
 
 

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "ascendra: low-priority (LP) + high-priority (HP) instances")
     p.add_argument("--num-hp", type=int, default=None,
                    help="HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)")
+    p.add_argument("--paper-escalation", action="store_true",
+                   help="ascendra: escalate only requests that have not started (the paper's code) "
+                        "instead of at every stage with KV migration")
+    p.add_argument("--force-escalation-after", type=int, default=None, metavar="TOKENS",
+                   help="ascendra, for testing and measuring migration: escalate every LP request once "
+                        "it has produced TOKENS tokens (0: before its first), whatever the predictor says")
     p.add_argument("--ttft-slo", type=float, default=1.0,
                    help="time-to-first-token objective in seconds for requests that set no ttft_slo_ms")
     p.add_argument("--tbt-slo", type=float, default=0.15,
@@ -119,6 +125,8 @@ async def serve(args: argparse.Namespace) -> int:
         num_instances=args.num_instances,
         policy=args.policy,
         num_hp=args.num_hp,
+        escalate_started=not args.paper_escalation,
+        force_escalation_after=args.force_escalation_after,
         ttft_slo=args.ttft_slo,
         tbt_slo=args.tbt_slo,
         max_waiting=args.max_waiting,

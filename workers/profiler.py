@@ -114,7 +114,7 @@ def fit_or_load(runner, pool, device: str, block_size: int, max_tokens: int, log
             pass  # a damaged cache is refitted below
     t0 = time.perf_counter()
     shapes, seconds = [], []
-    for shape, t in time_shapes(runner, pool, block_size, grid(max_tokens, runner.max_model_len)):
+    for shape, t in time_shapes(runner, pool, block_size, grid(max_tokens, runner.max_model_len), reps=1):
         shapes.append(shape)
         seconds.append(t)
     model = PerfModel().fit(shapes, seconds)
