@@ -14,7 +14,7 @@ from ascendra.sim import costs
 from ascendra.sim.engine import SimConfig, Simulator
 from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate
 from bench import metrics
-from bench.workloads import RequestSpec, WorkloadConfig, build_workload
+from bench.workloads import RequestSpec, WorkloadConfig
 
 # A small fast device: 4 ms per step + per-token and per-context costs.
 COEF = [4e-3, 4e-5, 2e-9, 1e-4, 2e-7]
@@ -216,3 +216,14 @@ def test_migration_cost():
     assert m.blocks_time(0) == 0.0
     assert m.blocks_time(100) == pytest.approx(1e-3 + 100 * 16 * 131072 / 25e9)
     assert math.isfinite(m.blocks_time(10**6))
+
+
+def test_dispatch_latency_delays_first_tokens():
+    setup = small_setup(100)
+    _, fast = run(setup, "ascendra", rate=30.0)
+    slow_setup = replace(setup, sim=replace(setup.sim, dispatch_latency_s=0.05))
+    sim, slow = run(slow_setup, "ascendra", rate=30.0)
+    first = lambda res: sorted(s.first_token_time - s.arrival_time for s in res.requests)  # noqa: E731
+    assert min(first(slow)) >= 0.05
+    assert sum(first(slow)) > sum(first(fast))
+    assert_clean_end(sim, slow)

@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_slo_args(p, None, None)
     f = p.add_argument_group("fidelity")
     f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity")
-    f.add_argument("--profile", default=None, help="--fidelity: profile JSON for the CPU (default: fit one)")
+    f.add_argument("--profile", default=None,
+                   help="--fidelity: fit (default: fit the tiny model's profile now), cached (the workers' "
+                        "cached one) or a profile JSON path")
     f.add_argument("--skip-server", action="store_true", help="--fidelity: reuse saved server results in --out")
     return p
 

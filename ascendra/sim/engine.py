@@ -22,7 +22,6 @@ iterations back to back, like the real worker's busy loop; an idle one waits to 
 from __future__ import annotations
 
 import heapq
-import inspect
 from dataclasses import dataclass, field
 
 from ascendra.block_manager import BlockManager, OutOfBlocks, blocks_for
@@ -34,7 +33,7 @@ from ascendra.sequence import Sequence, SeqStatus
 from ascendra.sim.costs import MigrationCost, linear_fns
 
 # Event kinds (events at equal times run in the order they were scheduled).
-_STEP, _BULK_DONE, _COMMIT = 1, 2, 3
+_STEP, _BULK_DONE, _COMMIT, _ENQUEUE = 1, 2, 3, 4
 _TOKEN = 1  # what every simulated sample returns; workloads run with ignore_eos
 
 
@@ -56,6 +55,9 @@ class SimConfig:
     # HP latency budget). Off mirrors the real worker, whose Engine builds its Scheduler without it.
     scheduler_uses_model: bool = False
     record_token_times: bool = True  # per-token times (ITL and p99-TBT metrics need them)
+    # Seconds from arrival at the server to the request reaching its worker (HTTP, routing,
+    # ZeroMQ); 0 for GPU-scale simulations, measured on the real server for --fidelity.
+    dispatch_latency_s: float = 0.0
     check_invariants: bool = False  # verify block accounting after every event (tests)
 
 
@@ -71,6 +73,7 @@ class SimSequence(Sequence):
         self.token_times: list[float] = []
         self.error: str | None = None
         self.done = False
+        self.enqueued = False  # reached its worker (see SimConfig.dispatch_latency_s)
         self.num_migrations = 0
 
 
@@ -146,22 +149,11 @@ class SimResult:
 
 
 def build_policy(cfg: SimConfig, specs: list[InstanceSpec]):
-    """The coordinator's policy object, with the escalation scope set where it supports it."""
-    policy = make_policy(cfg.policy, specs)
-    if cfg.policy == "ascendra" and not hasattr(policy, "configure_instance"):
-        try:  # the router may still hand out the placeholder; the predictor holds the real one
-            from ascendra.predictor import AscendraPolicy
-            policy = AscendraPolicy(specs)
-        except ImportError:
-            pass
-    if cfg.policy == "ascendra" and not cfg.escalate_started:
-        try:
-            params = inspect.signature(type(policy)).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "escalate_started" in params:
-            policy = type(policy)(specs, escalate_started=False)
-    return policy
+    """The coordinator's policy object. Escalating only unstarted requests is also enforced by the
+    simulator (the policy counts a request as started once it has a token; the paper's code, once
+    it has been scheduled)."""
+    opts = {"escalate_started": False} if cfg.policy == "ascendra" and not cfg.escalate_started else {}
+    return make_policy(cfg.policy, specs, **opts)
 
 
 class Simulator:
@@ -222,8 +214,10 @@ class Simulator:
                     self._step_done(payload, t)
                 elif kind == _BULK_DONE:
                     self._bulk_done(payload, t)
-                else:
+                elif kind == _COMMIT:
                     self._commit(payload, t)
+                else:
+                    self._enqueue(payload, t)
             else:
                 spec = arrivals[i]
                 i += 1
@@ -254,14 +248,24 @@ class Simulator:
             self._fail(seq, "no instance could take the request")
             return
         self.policy.on_dispatch(iid, route)
-        inst = self.instances[iid]
+        seq.instance = iid
+        if self.cfg.dispatch_latency_s > 0:
+            self.active[seq.request_id] = seq
+            self._push(t + self.cfg.dispatch_latency_s, _ENQUEUE, seq)
+        else:
+            self._enqueue(seq, t)
+
+    def _enqueue(self, seq: SimSequence, t: float) -> None:
+        """The request reaches its worker: the worker's admission checks, then its queue."""
+        inst = self.instances[seq.instance]
         err = inst.check(seq)
         if err is not None:
+            self.active.pop(seq.request_id, None)
             self._fail(seq, err)
             self.policy.on_finish(seq.request_id)
             return
-        seq.instance = iid
         self.active[seq.request_id] = seq
+        seq.enqueued = True
         inst.scheduler.add(seq)
         self._kick(inst, t)
 
@@ -375,7 +379,8 @@ class Simulator:
             return  # finished already; the policy heard on_finish
         if rid in self.migrations:
             return  # already moving
-        if seq.instance != esc.src or esc.dst == esc.src or not 0 <= esc.dst < len(self.instances):
+        if (not seq.enqueued or seq.instance != esc.src or esc.dst == esc.src
+                or not 0 <= esc.dst < len(self.instances)):
             self._refuse(rid, t)
             return
         src, dst = self.instances[esc.src], self.instances[esc.dst]
@@ -476,8 +481,3 @@ class Simulator:
             if inst.blocks.num_used != held[inst.iid]:
                 raise AssertionError(f"instance {inst.iid}: {inst.blocks.num_used} blocks used, "
                                      f"{held[inst.iid]} accounted for at t={self.now}")
-
-
-def ended_ok(seq: SimSequence) -> bool:
-    return seq.error is None and seq.num_output_tokens >= seq.max_tokens
-
