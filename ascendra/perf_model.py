@@ -43,7 +43,7 @@ def prefill_shape(num_tokens: int, context: int = 0, decodes: int = 0, decode_co
 
 
 class PerfModel:
-    def __init__(self, coef: list[float] | None = None, window: int = 2048, refit_every: int = 32) -> None:
+    def __init__(self, coef: list[float] | None = None, window: int = 2048, refit_every: int = 64) -> None:
         self.coef = np.array(coef if coef else [0.0] * len(FEATURES), dtype=float)
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
@@ -89,7 +89,8 @@ class PerfModel:
         """Relative error of recent online predictions (0.25 until enough are seen)."""
         if len(self._rel_errors) < 16:
             return 0.25
-        return float(np.quantile(np.fromiter(self._rel_errors, float), q))
+        ordered = sorted(self._rel_errors)  # a few hundred floats: cheaper than numpy here
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     # ---- fitting
     def fit(self, shapes: list[BatchShape], seconds: list[float]) -> "PerfModel":

@@ -74,6 +74,7 @@ class AscendraPolicy(Policy):
         self.retry_delay = retry_delay
         self.state = {s.instance_id: _Instance(PerfModel()) for s in specs}
         self.reqs: dict[str, _Req] = {}
+        self.on_instance: dict[int, dict[str, _Req]] = {s.instance_id: {} for s in specs}
 
     # ------------------------------------------------------------------ setup and events
     def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int,
@@ -96,8 +97,10 @@ class AscendraPolicy(Policy):
 
     def on_dispatch(self, instance_id: int, req: RouteRequest) -> None:
         super().on_dispatch(instance_id, req)
-        self.reqs[req.request_id] = _Req(req.request_id, instance_id, req.num_prompt_tokens, req.max_tokens,
-                                         req.arrival_time, req.ttft_slo, req.tbt_slo)
+        r = _Req(req.request_id, instance_id, req.num_prompt_tokens, req.max_tokens, req.arrival_time,
+                 req.ttft_slo, req.tbt_slo)
+        self.reqs[req.request_id] = r
+        self.on_instance[instance_id][req.request_id] = r
 
     def on_tokens(self, request_id: str, n_new: int, now: float) -> None:
         r = self.reqs.get(request_id)
@@ -114,6 +117,7 @@ class AscendraPolicy(Policy):
         r = self.reqs.pop(request_id, None)
         if r is not None:
             self._incoming_done(r)
+            self.on_instance[r.instance_id].pop(request_id, None)
 
     def on_migrated(self, request_id: str, dst: int, now: float) -> None:
         r = self.reqs.get(request_id)
@@ -132,6 +136,8 @@ class AscendraPolicy(Policy):
                 new.num_unstarted += 1
                 new.unstarted_prompt_tokens += t.num_prompt_tokens
             t.instance_id = dst
+        self.on_instance[r.instance_id].pop(request_id, None)
+        self.on_instance[dst][request_id] = r
         r.instance_id = dst
 
     def on_migration_failed(self, request_id: str, now: float) -> None:
@@ -162,8 +168,7 @@ class AscendraPolicy(Policy):
     def predicted_first_token(self, instance_id: int, now: float) -> dict[str, float]:
         """When each request on this instance that has no token yet should get its first one."""
         st = self.state[instance_id]
-        waiting = [r for r in self.reqs.values()
-                   if r.instance_id == instance_id and r.first is None and not r.migrating]
+        waiting = [r for r in self.on_instance[instance_id].values() if r.first is None and not r.migrating]
         # The LP order: least slack first, hopeless ones last (as the lp scheduler does).
         def key(r: _Req):
             slack = r.ttft_deadline - now - st.perf.prefill_time(r.prompt_tokens)
@@ -179,20 +184,24 @@ class AscendraPolicy(Policy):
             out[r.request_id] = now + steps * step
         return out
 
-    def projected_mean_tbt(self, r: _Req, instance_id: int) -> float | None:
-        if r.first is None or r.last is None or r.n_out < 2 or r.max_tokens <= 1:
-            return None
+    def lp_step_time(self, instance_id: int) -> float:
+        """Predicted step on an instance: its decodes, plus a full prefill chunk while prompts wait."""
         st = self.state[instance_id]
         prefill = st.chunk_size - st.decodes if self.instances[instance_id].num_waiting else 0
-        step = st.perf.step_time(max(prefill, 0), st.decodes, st.decode_context)
+        return st.perf.step_time(max(prefill, 0), st.decodes, st.decode_context)
+
+    def projected_mean_tbt(self, r: _Req, step: float) -> float | None:
+        """Mean TBT if every remaining token takes `step` seconds."""
+        if r.first is None or r.last is None or r.n_out < 2 or r.max_tokens <= 1:
+            return None
         remaining = max(r.max_tokens - r.n_out, 0)
         return (r.last - r.first + remaining * step) / (r.max_tokens - 1)
 
     def _forced(self, instance_id: int, now: float) -> list[Escalation]:
         out = []
         hps = [i.instance_id for i in self.instances if i.role == "hp" and i.alive]
-        for r in self.reqs.values():
-            if r.instance_id != instance_id or r.migrating or now < r.retry_after or not hps:
+        for r in self.on_instance[instance_id].values():
+            if r.migrating or now < r.retry_after or not hps:
                 continue
             if r.n_out >= self.force_after and (self.escalate_started or r.n_out == 0):
                 dst = min(hps, key=lambda i: self.state[i].incoming)
@@ -216,10 +225,11 @@ class AscendraPolicy(Policy):
             if now + (t_first - now) * margin > r.ttft_deadline and now < r.ttft_deadline:
                 at_risk.append((r.ttft_deadline, r, "ttft"))
         if self.escalate_started:
-            for r in self.reqs.values():
-                if r.instance_id != instance_id or r.migrating or r.tbt_slo is None or now < r.retry_after:
+            step = self.lp_step_time(instance_id)
+            for r in self.on_instance[instance_id].values():
+                if r.migrating or r.tbt_slo is None or now < r.retry_after:
                     continue
-                projected = self.projected_mean_tbt(r, instance_id)
+                projected = self.projected_mean_tbt(r, step)
                 if projected is not None and projected * margin > r.tbt_slo and r.max_tokens - r.n_out >= 4:
                     at_risk.append((r.last + r.tbt_slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])

@@ -206,9 +206,18 @@ class Scheduler:
     def _schedule_decodes(self, out: SchedulerOutput, key: Callable[[Sequence], float]) -> int:
         """Schedule every running decode, preempting from the low-priority end for blocks."""
         running = self.running  # _preempt edits this same list in place
-        running.sort(key=key)
         grow = self.blocks.grow
         append = out.scheduled.append
+        decoding = [seq for seq in running if seq.is_decoding]
+        bs = self.blocks.block_size
+        short = sum(1 for seq in decoding if len(seq.token_ids) > len(seq.block_table) * bs)
+        if short <= self.blocks.num_free:
+            # Every decode gets its block: priority order only matters when someone must yield.
+            for seq in decoding:
+                grow(seq, len(seq.token_ids))
+                append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
+            return len(decoding)
+        running.sort(key=key)
         scheduled = 0
         i = 0
         while i < len(running):

@@ -38,6 +38,7 @@ from ascendra.messages import (
     coordinator_decoder,
     encode,
 )
+from ascendra.perf_model import BatchShape, PerfModel
 from workers.engine import Engine, EngineConfig, StepResult
 from workers.kv_pool import PeerPool
 from workers.migration import Migrations
@@ -155,6 +156,7 @@ class Worker:
         self.step_id = 0
         self.running = True
         self.perf_coef: list[float] = []
+        self.perf: PerfModel | None = None  # refined from this worker's own steps
 
     # ---- peer pools (escalation copies KV blocks straight out of another worker's pool)
     def peer_pool(self, handle: PoolHandle) -> PeerPool:
@@ -171,6 +173,7 @@ class Worker:
             self.engine = build_engine(self.args)
             self.migrations = Migrations(self.engine, self.worker_id)
             self.perf_coef = self._profile()
+            self._use_perf_model()
         except Exception as exc:
             log.exception("worker %d failed to start", self.worker_id)
             self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
@@ -258,6 +261,9 @@ class Worker:
 
     def _send_step(self, result: StepResult | None) -> None:
         assert self.engine is not None
+        if result is not None and self.perf is not None and result.step_time > 0:
+            self.perf.observe(BatchShape(result.num_prefill_tokens, result.prefill_attention_pairs,
+                                         result.num_decode_tokens, result.decode_context_tokens), result.step_time)
         outputs, self.pending = self.pending, []
         migrations, self.pending_migrations = self.pending_migrations, []
         if result is not None:
@@ -296,6 +302,15 @@ class Worker:
         model = fit_or_load(e.runner, e.pool, self.args.device, e.config.block_size, e.config.chunk_size,
                             log=log.info)
         return model.to_list()
+
+    def _use_perf_model(self) -> None:
+        """Give the local scheduler the fitted model: LP slack counts prefill time, HP gets a budget."""
+        if not self.perf_coef:
+            return
+        self.perf = PerfModel.from_list(self.perf_coef)
+        sched = self.engine.scheduler
+        sched.prefill_time = self.perf.prefill_time
+        sched.step_time = lambda prefill, decodes: self.perf.step_time(prefill, decodes)
 
     def _registration(self) -> Register:
         assert self.engine is not None
