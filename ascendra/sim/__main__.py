@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link-latency", type=float, default=1e-3, help="fixed seconds per copy")
     s.add_argument("--kv-bytes-per-token", type=int, default=None,
                    help="default: Llama-3-8B bf16 (131072)")
-    s.add_argument("--scheduler-model", action="store_true",
-                   help="give the LP/HP schedulers the fitted model (the real worker does not, yet)")
+    s.add_argument("--no-scheduler-model", dest="scheduler_model", action="store_false",
+                   help="keep the fitted model from the LP/HP schedulers (the real worker gives it to them)")
     s.add_argument("--no-token-times", action="store_true", help="skip per-token times (no ITL/p99 metrics)")
     r = p.add_argument_group("rates")
     r.add_argument("--rate", type=float, default=None, help="one rate (req/s): a single point per policy")
@@ -147,7 +147,7 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
              f"system's fitted model coef {costs.fmt_coef(model)}",
              f"{num_blocks} KV blocks of {block_size} tokens per instance; KV link "
              f"{link.bandwidth_bytes_s / 1e9:g} GB/s + {link.latency_s * 1e3:g} ms",
-             f"schedulers {'use' if a.scheduler_model else 'do not use'} the fitted model (as the real worker)"]
+             f"schedulers {'use' if a.scheduler_model else 'do not use'} the fitted model"]
     return Setup(cfg, wcfg, cost, model, link, trace, label, notes)
 
 

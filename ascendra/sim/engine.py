@@ -53,7 +53,7 @@ class SimConfig:
     escalate_started: bool = True
     # Give the LP/HP schedulers the fitted model (LP slack ordering with predicted prefill time,
     # HP latency budget). Off mirrors the real worker, whose Engine builds its Scheduler without it.
-    scheduler_uses_model: bool = False
+    scheduler_uses_model: bool = True  # as the real worker: LP slack and HP budget from the model
     record_token_times: bool = True  # per-token times (ITL and p99-TBT metrics need them)
     # Seconds from arrival at the server to the request reaching its worker (HTTP, routing,
     # ZeroMQ); 0 for GPU-scale simulations, measured on the real server for --fidelity.
