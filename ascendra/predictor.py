@@ -218,8 +218,9 @@ class AscendraPolicy(Policy):
         at_risk: list[tuple[float, _Req, str]] = []
         for rid, t_first in self.predicted_first_token(instance_id, now).items():
             r = self.reqs[rid]
-            started = self._requests.get(rid) is not None and r.n_out > 0
-            if r.ttft_slo is None or now < r.retry_after or (started and not self.escalate_started):
+            # (Whether a request without tokens has begun its prefill only its worker knows; in
+            # the paper's mode the migrator refuses those that have.)
+            if r.ttft_slo is None or now < r.retry_after:
                 continue
             # Predicted wait stretched by the model's recent error: a miss we can still avoid.
             if now + (t_first - now) * margin > r.ttft_deadline and now < r.ttft_deadline:
