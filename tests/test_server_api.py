@@ -127,9 +127,12 @@ def test_seeded_sampling_is_reproducible(server):
 def _boundary_stop(server):
     """A stop string that straddles a token boundary of the greedy continuation."""
     body = {"prompt": "The weather today", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-    events = _stream(server, "/v1/completions", body)
-    pieces = [e["choices"][0]["text"] for e in events if e != "[DONE]"]
-    full = "".join(pieces)
+    # Token boundaries from greedy prefixes of every length: deterministic, unlike SSE chunking
+    # (a busy server may put several tokens in one event).
+    prefixes = [server.post("/v1/completions", dict(body, max_tokens=k))[1]["choices"][0]["text"]
+                for k in range(1, 25)]
+    full = prefixes[-1]
+    pieces = [b[len(a):] for a, b in zip([""] + prefixes, prefixes)]
     pos = 0
     for a, b in zip(pieces, pieces[1:]):
         pos += len(a)
