@@ -85,9 +85,11 @@ class AscendraPolicy(Policy):
         st.chunk_size, st.max_num_seqs, st.block_size = chunk_size, max_num_seqs, block_size
 
     def route(self, req: RouteRequest) -> int | None:
-        now = req.arrival_time
-        hp = None if self.force_after is not None else self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, req.arrival_time + (req.ttft_slo or math.inf),
-                           req.tbt_slo, now, started=False, new_request=True)
+        hp = None
+        if self.force_after is None:
+            deadline = req.arrival_time + (req.ttft_slo or math.inf)
+            hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
+                               started=False, new_request=True)
         if hp is not None:
             return hp
         inst = least_loaded([i for i in self.instances if i.role == "lp"])
@@ -235,7 +237,7 @@ class AscendraPolicy(Policy):
                     at_risk.append((r.last + r.tbt_slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
-        for deadline, r, why in at_risk:
+        for _, r, why in at_risk:
             dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
                                 started=r.first is not None)
             if dst is None:
