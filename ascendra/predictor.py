@@ -6,11 +6,12 @@ the times they measured or simulated.
 - Routing: new requests go to the least-loaded LP instance, or straight to an HP instance
   while it holds a "ticket" (no escalated work queued, under half its seats used, over 10%
   of its blocks free, and a predicted first token inside the request's TTFT objective).
-- Prediction, after every LP step: the LP serves waiting prompts least-slack-first in
-  chunks of (chunk_size - decodes) tokens, so a request's first token comes after the
-  prompt tokens ahead of it in that order; each step takes the performance model's
-  prediction for that batch. A decoding request's mean TBT is projected from the gaps so
-  far plus the predicted LP step for its remaining tokens.
+- Prediction, after every LP step: the LP serves waiting prompts least-slack-first at its
+  prefill budget (chunk_size - decodes, or less: what it measured prefilling per step while
+  prompts waited, since its scheduler trims the budget to keep decodes on pace), so a
+  request's first token comes after the prompt tokens ahead of it in that order; each step
+  takes the performance model's prediction for that batch. A decoding request is at risk
+  of its mean TBT when even decode-only LP steps could not keep it inside the objective.
 - Escalation: a request predicted to miss goes to the HP instance with the most headroom,
   if that instance is predicted to meet the objective. The safety margin is the model's
   own recent p90 relative error, not a per-model constant. Started requests move with
@@ -58,6 +59,15 @@ class _Instance:
     decodes: int = 0
     decode_context: int = 0
     incoming: int = 0  # escalations in flight towards this instance
+    # Prefill tokens per step while prompts wait: the instance's effective prefill budget, which
+    # its local scheduler trims below chunk_size to keep decodes on pace. None until measured.
+    prefill_per_step: float | None = None
+
+    def prefill_budget(self) -> int:
+        full = max(self.chunk_size - self.decodes, 1)
+        if self.prefill_per_step is None:
+            return full
+        return max(1, min(full, int(self.prefill_per_step)))
 
 
 class AscendraPolicy(Policy):
@@ -65,8 +75,11 @@ class AscendraPolicy(Policy):
 
     def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
                  max_incoming_per_hp: int = 2, retry_delay: float = 0.5,
-                 force_escalation_after: int | None = None) -> None:
+                 force_escalation_after: int | None = None, ticket_seats: float = 0.5,
+                 ticket_needs_empty_queue: bool = True) -> None:
         super().__init__(specs)
+        self.ticket_seats = ticket_seats
+        self.ticket_needs_empty_queue = ticket_needs_empty_queue
         self.escalate_started = escalate_started
         # Testing and measurement: escalate every LP request after this many tokens.
         self.force_after = force_escalation_after
@@ -160,6 +173,9 @@ class AscendraPolicy(Policy):
             shape = BatchShape(getattr(step, "num_prefill_tokens", 0), getattr(step, "prefill_attention_pairs", 0),
                                st.decodes, st.decode_context)
             st.perf.observe(shape, getattr(step, "step_time", 0.0))
+            n = shape.prefill_tokens
+            if step.num_waiting > 0 and n > 0:  # prompts were left waiting: what the budget allowed
+                st.prefill_per_step = n if st.prefill_per_step is None else 0.8 * st.prefill_per_step + 0.2 * n
         elif step.num_running == 0:
             st.decodes, st.decode_context = 0, 0
         if self.instances[instance_id].role != "lp":
@@ -177,7 +193,7 @@ class AscendraPolicy(Policy):
             return (slack < 0, slack, r.arrival)
 
         waiting.sort(key=key)
-        budget = max(st.chunk_size - st.decodes, 1)
+        budget = st.prefill_budget()
         step = st.perf.step_time(budget, st.decodes, st.decode_context)
         out, ahead = {}, 0
         for r in waiting:
@@ -189,8 +205,8 @@ class AscendraPolicy(Policy):
     def lp_step_time(self, instance_id: int) -> float:
         """Predicted step on an instance: its decodes, plus a full prefill chunk while prompts wait."""
         st = self.state[instance_id]
-        prefill = st.chunk_size - st.decodes if self.instances[instance_id].num_waiting else 0
-        return st.perf.step_time(max(prefill, 0), st.decodes, st.decode_context)
+        prefill = st.prefill_budget() if self.instances[instance_id].num_waiting else 0
+        return st.perf.step_time(prefill, st.decodes, st.decode_context)
 
     def projected_mean_tbt(self, r: _Req, step: float) -> float | None:
         """Mean TBT if every remaining token takes `step` seconds."""
@@ -229,11 +245,20 @@ class AscendraPolicy(Policy):
                 at_risk.append((r.ttft_deadline, r, "ttft"))
         if self.escalate_started:
             step = self.lp_step_time(instance_id)
+            # The LP scheduler keeps decodes on pace: it trims its prefill budget so that a
+            # decode's steps stay within its objective, and runs decode-only steps for one that
+            # fell behind. So a decode is at risk only when even decode-only steps (stretched by
+            # the model's error) cannot bring its mean TBT inside the objective.
+            decode_only = st.perf.step_time(0, st.decodes, st.decode_context) * margin
             for r in self.on_instance[instance_id].values():
                 if r.migrating or r.tbt_slo is None or now < r.retry_after:
                     continue
-                projected = self.projected_mean_tbt(r, step)
-                if projected is not None and projected * margin > r.tbt_slo and r.max_tokens - r.n_out >= 4:
+                future = max(decode_only, min(step * margin, r.tbt_slo))
+                if r.first is not None and r.last is not None and r.n_out > 1 and \
+                        (r.last - r.first) / (r.n_out - 1) > r.tbt_slo:
+                    future = decode_only  # behind pace: the LP catches it up
+                projected = self.projected_mean_tbt(r, future)
+                if projected is not None and projected > r.tbt_slo and r.max_tokens - r.n_out >= 4:
                     at_risk.append((r.last + r.tbt_slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
@@ -256,7 +281,8 @@ class AscendraPolicy(Policy):
             st = self.state[inst.instance_id]
             if st.incoming >= self.max_incoming:
                 continue
-            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2):
+            if new_request and (st.incoming or (self.ticket_needs_empty_queue and inst.num_waiting)
+                                or inst.num_running >= st.max_num_seqs * self.ticket_seats):
                 continue  # the ticket: new work only while HP has nothing escalated queued
             need = blocks_for(min(prompt + max_tokens, prompt + n_out + 64), st.block_size)
             if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
@@ -268,7 +294,7 @@ class AscendraPolicy(Policy):
             if not started:
                 # HP serves its own queue earliest-deadline-first; count all of it as ahead.
                 queued = inst.unstarted_prompt_tokens + prompt
-                t_first = now + math.ceil(queued / max(st.chunk_size - st.decodes, 1)) * step
+                t_first = now + math.ceil(queued / st.prefill_budget()) * step
                 if t_first > ttft_deadline:
                     continue
                 headroom = ttft_deadline - t_first

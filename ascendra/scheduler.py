@@ -10,9 +10,11 @@ Policies (../shared/DESIGN.md, "Scheduling policies"):
   new requests FCFS, chunked so the batch holds at most ``chunk_size`` tokens. No skipping.
 - ``lp`` (Ascendra low priority): decode-first, then prefills in order of least TTFT
   slack (deadline - now - predicted prefill time); requests already past hope go last.
-  A request that does not fit is skipped, not waited on.
+  A request that does not fit is skipped, not waited on. The prefill budget keeps every
+  decode on pace for its mean TBT, letting decodes ahead of pace spend their banked slack.
 - ``hp`` (Ascendra high priority): decodes first, then prefills earliest-deadline-first,
   with the prefill budget trimmed so the step stays inside the tightest TBT objective.
+  On both, a decode behind pace (that can still recover) gets decode-only steps.
 
 Preemption is by recompute: when a decode needs a block and none is free, the running
 request of lowest priority loses its blocks and returns to the waiting queue.
@@ -167,8 +169,8 @@ class Scheduler:
         policy = self.config.policy
         key = self._fcfs_key if policy == "sarathi" else self._deadline_key
         budget = self.config.chunk_size - self._schedule_decodes(out, key)
-        if policy == "hp" and self.step_time is not None:
-            budget = min(budget, self._latency_budget(out))
+        if policy in ("lp", "hp") and self.step_time is not None:
+            budget = min(budget, self._latency_budget(out, now))
 
         # Ongoing prefills hold blocks already: finish them before starting others.
         ongoing = [s for s in self.running if not s.is_decoding]
@@ -239,12 +241,39 @@ class Scheduler:
             break  # seq itself was preempted: it was the lowest priority left
         return scheduled
 
-    def _latency_budget(self, out: SchedulerOutput) -> int:
-        """Largest prefill token count whose predicted step time fits the tightest TBT SLO."""
-        slos = [s.seq.tbt_slo for s in out.scheduled if s.seq.tbt_slo is not None]
-        if not slos or self.step_time is None:
+    def _latency_budget(self, out: SchedulerOutput, now: float) -> int:
+        """Largest prefill token count whose predicted step time keeps every decode on pace.
+
+        A decode's next token is due at first + tbt_slo * tokens so far (that keeps its mean
+        TBT inside the objective). HP steps never exceed the objective; the LP also lets a decode
+        spend the slack it has banked, so it runs longer, cheaper steps while decodes are ahead.
+        A decode behind pace shortens the step until it catches up, unless it cannot catch up
+        even with decode-only steps to its last token: then it no longer constrains anyone.
+        """
+        if self.step_time is None:
             return self.config.chunk_size
-        limit, decodes = min(slos), len(out.scheduled)
+        decodes = len(out.scheduled)
+        decode_only = self.step_time(0, decodes)
+        bank = self.config.policy == "lp"
+        limit = math.inf
+        for s in out.scheduled:
+            seq = s.seq
+            slo = seq.tbt_slo
+            if slo is None:
+                continue
+            if seq.first_token_time is None:  # a prefill chunk: nothing to pace yet
+                continue
+            allowed = seq.next_token_deadline - now
+            if allowed < slo:
+                remaining = seq.sampling.max_tokens - seq.num_output_tokens
+                final = seq.first_token_time + slo * max(seq.sampling.max_tokens - 1, 1)
+                if now + remaining * decode_only > final:
+                    continue  # hopeless: holding prefills back would not save it
+            elif not bank:
+                allowed = slo
+            limit = min(limit, allowed)
+        if math.isinf(limit):
+            return self.config.chunk_size
         lo, hi = 0, self.config.chunk_size
         while lo < hi:  # step time grows with prefill tokens: binary search the largest fit
             mid = (lo + hi + 1) // 2

@@ -45,6 +45,9 @@ class RequestSpec:
     arrival_s: float  # send offset from the start of the run
     prompt_len: int
     output_len: int
+    # This request's own objectives; None means the run's (simulator only).
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -61,16 +61,22 @@ def test_new_request_goes_to_idle_hp_with_ticket():
 
 
 def test_slow_decode_is_escalated_for_tbt():
+    # 10 tokens over 1 s: 0.11 s a token, over the 0.05 s objective; 100 decodes: 60 ms steps.
+    esc = _decode_on_lp(first_token_ago=1.0, decodes=100, step_time=0.06)
+    assert [e.reason for e in esc if e.request_id == "d"] == ["tbt"]
+
+
+def _decode_on_lp(first_token_ago: float, decodes: int, step_time: float) -> list[Escalation]:
+    """A request with 10 tokens on the LP, the first `first_token_ago` s ago; one LP step."""
     pol = make_policy()
     now = 10.0
     busy_hp(pol, now)
     req = RouteRequest("d", 50, 200, now - 2, ttft_slo=5.0, tbt_slo=0.05)
     pol.on_dispatch(0, req)
-    pol.on_tokens("d", 1, now - 1.0)
-    pol.on_tokens("d", 9, now)  # 10 tokens over 1 s: 0.11 s a token, over the 0.05 s objective
-    esc = pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=100, decode_context_tokens=5000,
-                              step_time=0.06))
-    assert [e.reason for e in esc if e.request_id == "d"] == ["tbt"]
+    pol.on_tokens("d", 1, now - first_token_ago)
+    pol.on_tokens("d", 9, now)
+    return pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=decodes,
+                               decode_context_tokens=decodes * 50, step_time=step_time))
 
 
 def test_paper_mode_never_moves_started_requests():
@@ -143,3 +149,23 @@ def test_migrator_happy_path_and_failures():
     mig.start(Escalation("r", 0, 1), 4.0)
     res = mig.on_update(0, MigrationUpdate("r", "moved", state=_state()), 4.1)
     assert res.migration.ok and res.migration.kind == "waiting" and res.moved_state.request_id == "r"
+
+
+def test_decode_behind_pace_that_lp_can_catch_up_stays():
+    """Slightly behind pace, but a decode-only LP step (10.5 ms) is far inside the 50 ms objective:
+    the LP scheduler catches it up, so moving it would only spend HP capacity."""
+    esc = _decode_on_lp(first_token_ago=0.52, decodes=1, step_time=0.0105)  # 58 ms a token so far
+    assert esc == []
+
+
+def test_first_token_prediction_uses_the_prefill_budget_the_lp_measured():
+    """While prompts wait, the LP has been prefilling 32 tokens a step (its pacing trims the chunk):
+    a 320-token prompt is 10 such steps away, not 2 full chunks."""
+    pol = make_policy()
+    busy_hp(pol, 0.0)
+    pol.on_dispatch(0, RouteRequest("p", 320, 10, 0.0, ttft_slo=100.0))
+    for i in range(40):
+        pol.on_step(0, step(0, 0.01 * i, running=3, waiting=1, num_seqs=3, num_prefill_tokens=32,
+                            num_decode_tokens=2, decode_context_tokens=100, step_time=0.043))
+    t = pol.predicted_first_token(0, 1.0)["p"]
+    assert abs(t - (1.0 + 10 * (0.010 + 0.032 + 0.001))) < 0.02

@@ -125,6 +125,49 @@ def test_hp_latency_budget_trims_prefill_for_tight_tbt():
     assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", 40)]
 
 
+def _decoding_after(s, first_token_at, n_tokens):
+    """A request on `s` with its first token at first_token_at and n_tokens sampled since."""
+    d = seq("dec", 5, tbt=0.05)
+    s.add(d)
+    advance(s, s.schedule(first_token_at), now=first_token_at)
+    d.token_ids.extend([7] * (n_tokens - 1))
+    d.num_computed_tokens = len(d.token_ids) - 1
+    return d
+
+
+@pytest.mark.parametrize("policy,expect", [("hp", 40), ("lp", 90)])
+def test_lp_spends_banked_tbt_slack_hp_does_not(policy, expect):
+    # 10 tokens 0.05 s apart are due by t=0.5; at t=0.4 a decode ahead of pace has 0.1 s to spare:
+    # the LP fills it with prefill (90 tokens), the HP keeps every step inside 0.05 s (40 tokens).
+    s, _ = make(policy, chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
+    _decoding_after(s, 0.0, 10)
+    s.add(seq("new", 300, arrival=0.3, ttft=5.0))
+    out = s.schedule(0.4)
+    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled][0] == ("dec", 1)
+    assert out.scheduled[1].seq.request_id == "new"
+    assert abs(out.scheduled[1].num_tokens - expect) <= 1  # float rounding at the boundary
+
+
+@pytest.mark.parametrize("policy", ["lp", "hp"])
+def test_decode_behind_pace_gets_a_decode_only_step(policy):
+    # 10 tokens were due by t=0.5; at t=0.6 the decode is behind but 990 tokens at 10 ms catch up.
+    s, _ = make(policy, chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
+    _decoding_after(s, 0.0, 10)
+    s.add(seq("new", 300, arrival=0.5, ttft=5.0))
+    out = s.schedule(0.6)
+    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1)]
+
+
+def test_hopeless_decode_does_not_hold_prefills_back():
+    # Far behind (due by 0.5, now 60 s) with 990 tokens left: even decode-only steps cannot
+    # save its mean TBT, so it no longer trims the budget.
+    s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
+    _decoding_after(s, 0.0, 10)
+    s.add(seq("new", 300, arrival=59.0, ttft=5.0))
+    out = s.schedule(60.0)
+    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", 300)]
+
+
 def test_preemption_by_recompute_frees_lowest_priority():
     s, bm = make("sarathi", blocks=4, chunk=512)
     a, b = seq("a", 32, arrival=0.0), seq("b", 32, arrival=1.0)  # 2 blocks each: pool full

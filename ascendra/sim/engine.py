@@ -223,7 +223,9 @@ class Simulator:
                 i += 1
                 t = max(spec.arrival_s, self.now)
                 self.now = t
-                seq = SimSequence(spec.index, spec.prompt_len, spec.output_len, t, cfg.ttft_slo, cfg.tbt_slo,
+                ttft = cfg.ttft_slo if getattr(spec, "ttft_slo_s", None) is None else spec.ttft_slo_s
+                tbt = cfg.tbt_slo if getattr(spec, "tbt_slo_s", None) is None else spec.tbt_slo_s
+                seq = SimSequence(spec.index, spec.prompt_len, spec.output_len, t, ttft, tbt,
                                   SamplingParams(max_tokens=spec.output_len, ignore_eos=True))
                 seqs.append(seq)
                 self._arrive(seq, t)
