@@ -45,11 +45,15 @@ def prefill_shape(num_tokens: int, context: int = 0, decodes: int = 0, decode_co
 class PerfModel:
     def __init__(self, coef: list[float] | None = None, window: int = 2048, refit_every: int = 64) -> None:
         self.coef = np.array(coef if coef else [0.0] * len(FEATURES), dtype=float)
-        self._xs: deque[list[float]] = deque(maxlen=window)
-        self._ys: deque[float] = deque(maxlen=window)
+        # The sliding window as a ring buffer: the simulator refits thousands of times per run,
+        # and building arrays from lists each time cost more than the fit.
+        self._x = np.zeros((window, len(FEATURES)))
+        self._y = np.zeros(window)
+        self._n = 0  # observations ever added; row n % window is the next to overwrite
         self._since_fit = 0
         self.refit_every = refit_every
         self._rel_errors: deque[float] = deque(maxlen=512)
+        self._error_q: dict[float, float] = {}  # cached quantiles, cleared as errors arrive
         self._mean_step = 0.0  # what an unfitted model predicts: the recent average step
 
     @property
@@ -89,14 +93,16 @@ class PerfModel:
         """Relative error of recent online predictions (0.25 until enough are seen)."""
         if len(self._rel_errors) < 16:
             return 0.25
-        ordered = sorted(self._rel_errors)  # a few hundred floats: cheaper than numpy here
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        cached = self._error_q.get(q)
+        if cached is None:
+            ordered = sorted(self._rel_errors)  # a few hundred floats: cheaper than numpy here
+            cached = self._error_q[q] = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return cached
 
     # ---- fitting
     def fit(self, shapes: list[BatchShape], seconds: list[float]) -> "PerfModel":
         for s, t in zip(shapes, seconds):
-            self._xs.append(s.features())
-            self._ys.append(t)
+            self._add(s, t)
         self._refit()
         return self
 
@@ -106,23 +112,30 @@ class PerfModel:
             return
         if self.fitted:
             self._rel_errors.append(abs(self.predict(shape) - seconds) / seconds)
+            if self._n % 32 == 0:
+                self._error_q.clear()  # recompute the quantiles now and then, not every call
         self._mean_step = seconds if not self._mean_step else 0.9 * self._mean_step + 0.1 * seconds
-        self._xs.append(shape.features())
-        self._ys.append(seconds)
+        self._add(shape, seconds)
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
             self._refit()
 
     def _refit(self) -> None:
         self._since_fit = 0
-        if len(self._ys) < len(FEATURES):
+        n = min(self._n, len(self._y))
+        if n < len(FEATURES):
             return
-        x = np.array(self._xs, dtype=float)
-        y = np.array(self._ys, dtype=float)
+        x, y = self._x[:n], self._y[:n]
         # Relative error matters (a 10 ms step off by 10 ms is as bad as a 1 s step off by
         # 1 s), so weight each row by 1 / y.
         w = 1.0 / np.maximum(y, 1e-6)
         self.coef = _nnls(x * w[:, None], y * w)
+
+    def _add(self, shape: BatchShape, seconds: float) -> None:
+        i = self._n % len(self._y)
+        self._x[i] = shape.features()
+        self._y[i] = seconds
+        self._n += 1
 
     def to_list(self) -> list[float]:
         return [float(c) for c in self.coef]

@@ -250,16 +250,18 @@ class AscendraPolicy(Policy):
             # fell behind. So a decode is at risk only when even decode-only steps (stretched by
             # the model's error) cannot bring its mean TBT inside the objective.
             decode_only = st.perf.step_time(0, st.decodes, st.decode_context) * margin
+            capped = step * margin
             for r in self.on_instance[instance_id].values():
-                if r.migrating or r.tbt_slo is None or now < r.retry_after:
+                slo, first, n_out = r.tbt_slo, r.first, r.n_out
+                if slo is None or first is None or n_out < 2 or r.migrating or now < r.retry_after:
                     continue
-                future = max(decode_only, min(step * margin, r.tbt_slo))
-                if r.first is not None and r.last is not None and r.n_out > 1 and \
-                        (r.last - r.first) / (r.n_out - 1) > r.tbt_slo:
-                    future = decode_only  # behind pace: the LP catches it up
+                behind = r.last - first > slo * (n_out - 1)
+                if not behind and decode_only <= slo:
+                    continue  # on pace, and the LP can keep it there: never at risk (cheap exit)
+                future = decode_only if behind else max(decode_only, min(capped, slo))
                 projected = self.projected_mean_tbt(r, future)
-                if projected is not None and projected > r.tbt_slo and r.max_tokens - r.n_out >= 4:
-                    at_risk.append((r.last + r.tbt_slo, r, "tbt"))
+                if projected is not None and projected > slo and r.max_tokens - n_out >= 4:
+                    at_risk.append((r.last + slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
         for _, r, why in at_risk:

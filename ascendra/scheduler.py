@@ -50,17 +50,22 @@ class SchedulerConfig:
             raise ValueError("chunk_size and max_num_seqs must be positive")
 
 
-@dataclass
 class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int  # new tokens computed this step
-    context_len: int  # tokens already in the pool before this step
-    # True when this step reaches the end of the known tokens, so a new one is sampled.
-    # Fixed at scheduling time: the sequence grows once the step's token is appended.
-    samples: bool = field(init=False)
+    """One request's share of a step. A plain class with slots: the scheduler makes one per
+    running request per step, and the simulator millions of them."""
 
-    def __post_init__(self) -> None:
-        self.samples = self.context_len + self.num_tokens == len(self.seq.token_ids)
+    __slots__ = ("seq", "num_tokens", "context_len", "samples")
+
+    def __init__(self, seq: Sequence, num_tokens: int, context_len: int) -> None:
+        self.seq = seq
+        self.num_tokens = num_tokens  # new tokens computed this step
+        self.context_len = context_len  # tokens already in the pool before this step
+        # True when this step reaches the end of the known tokens, so a new one is sampled.
+        # Fixed at scheduling time: the sequence grows once the step's token is appended.
+        self.samples = context_len + num_tokens == len(seq.token_ids)
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq({self.seq.request_id!r}, {self.num_tokens}, {self.context_len})"
 
 
 @dataclass
@@ -210,14 +215,21 @@ class Scheduler:
         running = self.running  # _preempt edits this same list in place
         grow = self.blocks.grow
         append = out.scheduled.append
-        decoding = [seq for seq in running if seq.is_decoding]
         bs = self.blocks.block_size
-        short = sum(1 for seq in decoding if len(seq.token_ids) > len(seq.block_table) * bs)
+        decoding, short = [], 0
+        for seq in running:  # is_decoding, inlined: this loop runs for every request every step
+            n = len(seq.token_ids)
+            if n - seq.num_computed_tokens == 1 and n > seq.num_prompt_tokens:
+                decoding.append(seq)
+                if n > len(seq.block_table) * bs:
+                    short += 1
         if short <= self.blocks.num_free:
             # Every decode gets its block: priority order only matters when someone must yield.
             for seq in decoding:
-                grow(seq, len(seq.token_ids))
-                append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
+                n = len(seq.token_ids)
+                if n > len(seq.block_table) * bs:
+                    grow(seq, n)
+                append(ScheduledSeq(seq, 1, n - 1))
             return len(decoding)
         running.sort(key=key)
         scheduled = 0
@@ -258,20 +270,21 @@ class Scheduler:
         limit = math.inf
         for s in out.scheduled:
             seq = s.seq
-            slo = seq.tbt_slo
-            if slo is None:
+            slo, first = seq.tbt_slo, seq.first_token_time
+            if slo is None or first is None:  # no objective, or a prefill chunk: nothing to pace
                 continue
-            if seq.first_token_time is None:  # a prefill chunk: nothing to pace yet
-                continue
-            allowed = seq.next_token_deadline - now
-            if allowed < slo:
-                remaining = seq.sampling.max_tokens - seq.num_output_tokens
-                final = seq.first_token_time + slo * max(seq.sampling.max_tokens - 1, 1)
-                if now + remaining * decode_only > final:
+            n_out = len(seq.token_ids) - seq.num_prompt_tokens
+            allowed = first + slo * n_out - now  # seq.next_token_deadline - now, inlined
+            if allowed >= slo:
+                if not bank:
+                    allowed = slo
+            else:
+                max_tokens = seq.sampling.max_tokens
+                final = first + slo * max(max_tokens - 1, 1)
+                if now + (max_tokens - n_out) * decode_only > final:
                     continue  # hopeless: holding prefills back would not save it
-            elif not bank:
-                allowed = slo
-            limit = min(limit, allowed)
+            if allowed < limit:
+                limit = allowed
         if math.isinf(limit):
             return self.config.chunk_size
         lo, hi = 0, self.config.chunk_size
