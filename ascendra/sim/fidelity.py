@@ -240,11 +240,20 @@ def fidelity_main(a: argparse.Namespace) -> int:
               "dispatch_latency_s": dispatch,
               "ttft_slo": ttft, "tbt_slo": tbt, "workload": wcfg.__dict__, "time": time.time()}
     write_json(str(out / "fidelity.json"), report)
+    within = {k: [_agrees(row[k], row["real"]) for row in rows] for k in ("sim", "sim_overhead")}
     print(json.dumps({"rates": rates,
                       "attainment": {k: [row[k]["attainment"] for row in rows] for k in ("real", "sim", "sim_overhead")},
                       "ttft_mean_s": {k: [row[k]["ttft_mean_s"] for row in rows] for k in ("real", "sim", "sim_overhead")},
-                      "overhead_s": overhead, "dispatch_latency_s": dispatch}))
+                      "overhead_s": overhead, "dispatch_latency_s": dispatch,
+                      "within_10pct": within, "all_within_10pct": {k: all(v) for k, v in within.items()}}))
     return 0
+
+
+def _agrees(sim: dict, real: dict, tol: float = 0.10) -> bool:
+    """Attainment and mean TTFT both within `tol` (relative) of the real server's."""
+    def close(a: float | None, b: float | None) -> bool:
+        return a is not None and b is not None and abs(a - b) <= tol * abs(b)
+    return close(sim["attainment"], real["attainment"]) and close(sim["ttft_mean_s"], real["ttft_mean_s"])
 
 
 def _pick(s: dict) -> dict:
