@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(p)
     add_slo_args(p, None, None)
     f = p.add_argument_group("fidelity")
-    f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity")
+    f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity (default 4,8,11: below, near and at the knee)")
     f.add_argument("--profile", default=None,
                    help="--fidelity: fit (default: fit the tiny model's profile now), cached (the workers' "
                         "cached one) or a profile JSON path")

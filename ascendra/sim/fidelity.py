@@ -159,7 +159,7 @@ def fidelity_main(a: argparse.Namespace) -> int:
     out = Path(a.out or "results/sim-fidelity")
     n = a.num_instances or NUM_INSTANCES
     out.mkdir(parents=True, exist_ok=True)
-    rates = [float(r) for r in (a.fidelity_rates or "6,10,14").split(",")]
+    rates = [float(r) for r in (a.fidelity_rates or "4,8,11").split(",")]
     ttft = a.ttft_slo if a.ttft_slo is not None else 0.5
     tbt = a.tbt_slo if a.tbt_slo is not None else 0.1
     if a.dataset is None:  # prefill-heavy, so model time dominates HTTP streaming on this CPU
