@@ -75,11 +75,8 @@ class AscendraPolicy(Policy):
 
     def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
                  max_incoming_per_hp: int = 2, retry_delay: float = 0.5,
-                 force_escalation_after: int | None = None, ticket_seats: float = 0.5,
-                 ticket_needs_empty_queue: bool = True) -> None:
+                 force_escalation_after: int | None = None) -> None:
         super().__init__(specs)
-        self.ticket_seats = ticket_seats
-        self.ticket_needs_empty_queue = ticket_needs_empty_queue
         self.escalate_started = escalate_started
         # Testing and measurement: escalate every LP request after this many tokens.
         self.force_after = force_escalation_after
@@ -203,7 +200,7 @@ class AscendraPolicy(Policy):
         return out
 
     def lp_step_time(self, instance_id: int) -> float:
-        """Predicted step on an instance: its decodes, plus a full prefill chunk while prompts wait."""
+        """Predicted step on an instance: its decodes, plus its prefill budget while prompts wait."""
         st = self.state[instance_id]
         prefill = st.prefill_budget() if self.instances[instance_id].num_waiting else 0
         return st.perf.step_time(prefill, st.decodes, st.decode_context)
@@ -283,8 +280,7 @@ class AscendraPolicy(Policy):
             st = self.state[inst.instance_id]
             if st.incoming >= self.max_incoming:
                 continue
-            if new_request and (st.incoming or (self.ticket_needs_empty_queue and inst.num_waiting)
-                                or inst.num_running >= st.max_num_seqs * self.ticket_seats):
+            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2):
                 continue  # the ticket: new work only while HP has nothing escalated queued
             need = blocks_for(min(prompt + max_tokens, prompt + n_out + 64), st.block_size)
             if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
