@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from ascendra.block_manager import blocks_for
-from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
+from ascendra.perf_model import BatchShape, PerfModel
 from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
 
 
