@@ -64,6 +64,7 @@ class CoordinatorConfig:
     startup_timeout: float = 600.0
     shutdown_timeout: float = 10.0
     worker_args: list[str] = field(default_factory=list)  # extra flags passed through
+    step_log: str | None = None  # a JSON line per worker step (shape, step time, clocks), for diagnosis
 
 
 class RequestState:
@@ -266,6 +267,7 @@ class Coordinator:
             port = self._sock.bind_to_random_port("tcp://127.0.0.1")
             self.address = f"tcp://127.0.0.1:{port}"
         self._tasks: list[asyncio.Task] = []
+        self._step_log = open(config.step_log, "ab") if config.step_log else None
 
     # ------------------------------------------------------------ startup
 
@@ -438,6 +440,12 @@ class Coordinator:
 
     def _on_step(self, step: m.StepOutput, now: float) -> None:
         wid = step.worker_id
+        if self._step_log is not None and step.num_seqs:
+            self._step_log.write(_STEP_LOG_ENCODER.encode(
+                {"worker": wid, "prefill": step.num_prefill_tokens, "pairs": step.prefill_attention_pairs,
+                 "decode": step.num_decode_tokens, "decode_context": step.decode_context_tokens,
+                 "step_time": step.step_time, "end": step.time, "received": now,
+                 "running": step.num_running, "waiting": step.num_waiting}) + b"\n")
         label = str(wid)
         mt = self.metrics
         mt.running.values[(label,)] = step.num_running
@@ -744,6 +752,7 @@ class Coordinator:
         mt = self.metrics
         mt.inflight.set(len(self.requests))
         mt.unstarted.set(self.num_unstarted)
+        mt.process_cpu.set(time.process_time())
         return mt.render()
 
     # ------------------------------------------------------------ shutdown
@@ -792,7 +801,12 @@ class Coordinator:
             self._cleanup_shm(w)
         self._sock.close(linger=0)
         self._ctx.term()
+        if self._step_log is not None:
+            self._step_log.close()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+_STEP_LOG_ENCODER = msgspec.json.Encoder()
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

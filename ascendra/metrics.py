@@ -185,6 +185,8 @@ class ServerMetrics:
             "Time an escalated request was frozen: from the source pausing it to the destination's next token.",
             ITL_BUCKETS,
         )
+        self.process_cpu = Gauge("process_cpu_seconds_total",
+                                 "CPU seconds (user + system) the coordinator process has used; workers excluded.")
         self.step_time_error = Histogram(
             "step_time_prediction_error_ratio",
             "Performance model: |predicted - measured| / measured step time, per worker step.",
@@ -197,7 +199,7 @@ class ServerMetrics:
             self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.kv_usage,
             self.preempted, self.worker_up, self.inflight, self.unstarted, self.escalations,
             self.escalations_failed, self.migrated_blocks, self.migrated_bytes, self.migration_downtime,
-            self.step_time_error,
+            self.step_time_error, self.process_cpu,
         ]
 
     def render(self) -> str:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before ending them")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds to wait for every worker to register")
+    p.add_argument("--step-log", default=None, metavar="PATH",
+                   help="append one JSON line per worker step (batch shape, step time, clocks) to PATH")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity")
     return p
@@ -139,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
         fake_step_time=args.fake_step_time,
         seed=args.seed,
         startup_timeout=args.startup_timeout,
+        step_log=args.step_log,
     )
     try:
         coord = Coordinator(config, tokenizer)

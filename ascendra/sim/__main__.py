@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-hp", type=int, default=None, help="ascendra HP instances (default a third)")
     s.add_argument("--cost", default=None,
                    help="step-time source: a100 (vidur table + attention model, default), "
-                        "profile:PATH (PerfModel JSON {\"coef\": [...]}), coef:[c0,...]")
+                        "profile:PATH (PerfModel JSON {\"coef\": [...]}), coef:[c0,...], "
+                        "steplog:PATH (fit on a CPU server's --step-log: steps alone / beside another worker's)")
     s.add_argument("--shared", default=str(costs.DEFAULT_SHARED), help="the shared data directory")
     s.add_argument("--num-blocks", type=int, default=None,
                    help="KV blocks per instance (default: a100 memory model; 4096 otherwise)")
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("fidelity")
     f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity (default 4,8,11: below, near and at the knee)")
     f.add_argument("--profile", default=None,
-                   help="--fidelity: fit (default: fit the tiny model's profile now), cached (the workers' "
-                        "cached one) or a profile JSON path")
+                   help="--fidelity: the profile behind the 'sim' column: cached (default: the one the "
+                        "server's workers fitted or loaded), fit (time the tiny model now, in this process) or a "
+                        "profile JSON path")
     f.add_argument("--skip-server", action="store_true", help="--fidelity: reuse saved server results in --out")
     return p
 

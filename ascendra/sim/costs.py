@@ -10,6 +10,10 @@ so the simulator, the schedulers and the coordinator's predictor can use any of 
   attention from its FLOPs at a realistic tensor-core efficiency, decode attention from the KV
   bytes it reads at a realistic share of HBM bandwidth.
 
+- ``SharedHostCost``: CPU workers that share one machine, fitted from a real server's step log
+  (``--step-log``): one PerfModel for steps that ran alone, one for steps that ran beside another
+  worker's; the simulator picks by how many instances are mid-step.
+
 ``MigrationCost`` prices moving KV between instances (bytes / link bandwidth + a fixed latency).
 """
 
@@ -171,6 +175,95 @@ def fit_perf_model(cost, max_prefill: int = 8192, max_decodes: int = 128, max_co
     return PerfModel().fit(shapes, [cost.predict(s) for s in shapes])
 
 
+class SharedHostCost:
+    """Step times of instances that share one host's CPU cores.
+
+    On a small CPU two single-thread workers slow each other down (shared caches, memory
+    bandwidth, and the cores the coordinator and clients also need), so a step costs more when
+    another instance is mid-step. Fitted from the step log a real server wrote under load, which
+    also carries what an in-process profile cannot see (the worker loop between steps, wide decode
+    batches that fall out of cache)."""
+
+    def __init__(self, alone: PerfModel, beside: PerfModel, loop_s: float = 0.0) -> None:
+        self.alone, self.beside, self.loop_s = alone, beside, loop_s
+        self.num_alone = self.num_beside = 0  # steps each was fitted on
+
+    def predict(self, shape: BatchShape) -> float:
+        return self.beside.predict(shape) + self.loop_s if not shape.is_empty else 0.0
+
+    def predict_shared(self, shape: BatchShape, others_busy: int) -> float:
+        """A step that starts while `others_busy` other instances on the host are mid-step."""
+        if shape.is_empty:
+            return 0.0
+        return (self.alone if others_busy == 0 else self.beside).predict(shape) + self.loop_s
+
+    @classmethod
+    def fit(cls, steps: list[dict], min_steps: int = 40) -> "SharedHostCost":
+        """steps: step-log records ({"worker", "prefill", "pairs", "decode", "decode_context",
+        "step_time", "end"}; seconds on one monotonic clock)."""
+        if len(steps) < min_steps:
+            raise ValueError(f"{len(steps)} logged steps; at least {min_steps} are needed to fit")
+        alone, beside, gaps = _split_steps(steps)
+
+        def fit(rows: list[dict]) -> PerfModel:
+            shapes = [_shape(r) for r in rows]
+            return PerfModel(window=max(len(rows), 1)).fit(shapes, [r["step_time"] for r in rows])
+
+        both = fit(alone + beside)
+        cost = cls(fit(alone) if len(alone) >= min_steps else both, fit(beside) if len(beside) >= min_steps else both,
+                   sum(gaps) / len(gaps) if gaps else 0.0)
+        cost.num_alone, cost.num_beside = len(alone), len(beside)
+        return cost
+
+    def speed_ratio(self, steps: list[dict]) -> float:
+        """Measured over predicted time of logged steps (>1: the host ran slower than when fitted)."""
+        alone, beside, _ = _split_steps(steps)
+        predicted = sum(self.alone.predict(_shape(r)) for r in alone) + sum(self.beside.predict(_shape(r)) for r in beside)
+        return sum(r["step_time"] for r in alone + beside) / predicted if predicted > 0 else 1.0
+
+    def scaled(self, factor: float) -> "SharedHostCost":
+        """The same host running `factor` times slower (the worker loop unchanged)."""
+        cost = SharedHostCost(PerfModel.from_list([c * factor for c in self.alone.to_list()]),
+                              PerfModel.from_list([c * factor for c in self.beside.to_list()]), self.loop_s)
+        cost.num_alone, cost.num_beside = self.num_alone, self.num_beside
+        return cost
+
+
+def _shape(r: dict) -> BatchShape:
+    return BatchShape(r["prefill"], r["pairs"], r["decode"], r["decode_context"])
+
+
+def _split_steps(steps: list[dict]) -> tuple[list[dict], list[dict], list[float]]:
+    """Logged steps that ran alone, those that ran beside another worker's (other workers' steps
+    covered at least half of them), and the gaps between a worker's back-to-back steps."""
+    starts: dict[int, list[tuple[float, float]]] = {}
+    for r in steps:
+        starts.setdefault(r["worker"], []).append((r["end"] - r["step_time"], r["end"]))
+    for spans in starts.values():
+        spans.sort()
+    alone: list[dict] = []
+    beside: list[dict] = []
+    for r in steps:
+        t0, t1 = r["end"] - r["step_time"], r["end"]
+        covered = 0.0
+        for w, spans in starts.items():
+            if w == r["worker"]:
+                continue
+            i = max(0, bisect.bisect_left(spans, (t0, t0)) - 1)  # one worker's steps never overlap
+            while i < len(spans) and spans[i][0] < t1:
+                covered += max(0.0, min(t1, spans[i][1]) - max(t0, spans[i][0]))
+                i += 1
+        (beside if covered >= 0.5 * (t1 - t0) else alone).append(r)
+    gaps = [b0 - a1 for spans in starts.values() for (_, a1), (b0, _) in zip(spans, spans[1:])
+            if 0.0 <= b0 - a1 < 0.005]  # longer: idle between requests
+    return alone, beside, gaps
+
+
+def read_step_log(path: str | Path) -> list[dict]:
+    """A server's --step-log: one dict per worker step."""
+    return [json.loads(line) for line in Path(path).expanduser().read_text().splitlines() if line.strip()]
+
+
 def load_profile(path: str | Path) -> PerfModel:
     """A profile JSON ({"coef": [...]}; tools.profile's last line fits too) or a bare list."""
     data = json.loads(Path(path).expanduser().read_text().strip().splitlines()[-1])
@@ -210,7 +303,7 @@ LINKS = {"pcie4": 25e9, "pcie5": 50e9, "nvlink3": 250e9}
 
 
 def make_cost(spec: str, shared: Path | None = None):
-    """--cost a100 | profile:PATH | coef:[...] -> a PerfModel-compatible step-time source."""
+    """--cost a100 | profile:PATH | coef:[...] | steplog:PATH -> a PerfModel-compatible step-time source."""
     if spec == "a100":
         table = (shared / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv") if shared else VIDUR_A100_TABLE
         return OperatorTableCost(table)
@@ -219,7 +312,9 @@ def make_cost(spec: str, shared: Path | None = None):
     if spec.startswith("coef:"):
         coef = json.loads(spec.split(":", 1)[1])
         return PerfModel.from_list([float(c) for c in coef])
-    raise ValueError(f"unknown cost source {spec!r}: use a100, profile:PATH or coef:[...]")
+    if spec.startswith("steplog:"):  # a server's --step-log
+        return SharedHostCost.fit(read_step_log(spec.split(":", 1)[1]))
+    raise ValueError(f"unknown cost source {spec!r}: use a100, profile:PATH, coef:[...] or steplog:PATH")
 
 
 def linear_fns(model: PerfModel):
@@ -243,5 +338,5 @@ def fmt_coef(model: PerfModel) -> str:
 
 
 __all__ = ["A100_80GB", "GPU", "LINKS", "LLAMA3_8B", "MigrationCost", "ModelShape", "OperatorTableCost",
-           "fit_perf_model", "kv_pool_blocks", "linear_fns", "load_profile", "make_cost", "profile_files"]
+           "SharedHostCost", "fit_perf_model", "kv_pool_blocks", "linear_fns", "load_profile", "make_cost", "profile_files"]
 

@@ -188,6 +188,7 @@ class Simulator:
         self.mstats = MigrationStats()
         self.num_events = 0
         self.escalations_by_reason: dict[str, int] = {}
+        self._shared_host = getattr(cost, "predict_shared", None)
 
     # ------------------------------------------------------------------ event queue
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -294,7 +295,11 @@ class Simulator:
                 pre += n
                 pctx += ctx + n
                 pairs += n * (ctx + n)
-        dur = inst.cost.predict(BatchShape(pre, pairs, dec, dctx))
+        if self._shared_host is None:
+            dur = inst.cost.predict(BatchShape(pre, pairs, dec, dctx))
+        else:  # instances on one host slow each other down (see costs.SharedHostCost)
+            others = sum(o.inflight is not None for o in self.instances)  # inst is idle here
+            dur = self._shared_host(BatchShape(pre, pairs, dec, dctx), others)
         if not dur > 0:
             dur = 1e-9  # time must move on for a non-empty batch
         if dec:
