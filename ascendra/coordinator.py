@@ -267,7 +267,8 @@ class Coordinator:
             port = self._sock.bind_to_random_port("tcp://127.0.0.1")
             self.address = f"tcp://127.0.0.1:{port}"
         self._tasks: list[asyncio.Task] = []
-        self._step_log = open(config.step_log, "ab") if config.step_log else None
+        # Unbuffered: a line per step is cheap next to the step, and readers see it at once.
+        self._step_log = open(config.step_log, "ab", buffering=0) if config.step_log else None
 
     # ------------------------------------------------------------ startup
 
@@ -752,7 +753,7 @@ class Coordinator:
         mt = self.metrics
         mt.inflight.set(len(self.requests))
         mt.unstarted.set(self.num_unstarted)
-        mt.process_cpu.set(time.process_time())
+        mt.process_cpu.values[()] = time.process_time()
         return mt.render()
 
     # ------------------------------------------------------------ shutdown

@@ -185,8 +185,8 @@ class ServerMetrics:
             "Time an escalated request was frozen: from the source pausing it to the destination's next token.",
             ITL_BUCKETS,
         )
-        self.process_cpu = Gauge("process_cpu_seconds_total",
-                                 "CPU seconds (user + system) the coordinator process has used; workers excluded.")
+        self.process_cpu = Counter("process_cpu_seconds_total",
+                                   "CPU seconds (user + system) the coordinator process has used; workers excluded.")
         self.step_time_error = Histogram(
             "step_time_prediction_error_ratio",
             "Performance model: |predicted - measured| / measured step time, per worker step.",

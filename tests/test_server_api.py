@@ -13,8 +13,10 @@ from tests.server_harness import ServerProcess, parse_metrics, sse_events
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--model", "tiny", "--num-instances", "2", "--max-model-len", "1024")
+def server(tmp_path_factory):
+    step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"
+    srv = ServerProcess("--model", "tiny", "--num-instances", "2", "--max-model-len", "1024", "--step-log", str(step_log))
+    srv.step_log = step_log
     yield srv
     srv.stop()
 
@@ -328,6 +330,22 @@ def test_bad_input_streaming_gets_json_error(server):
 # ---------------------------------------------------------------- metrics
 
 
+def test_step_log_records_each_step(server):
+    before = len(server.step_log.read_text().splitlines()) if server.step_log.exists() else 0
+    status, body = server.post("/v1/completions", {"prompt": "one two three four five", "max_tokens": 4,
+                                                   "ignore_eos": True})
+    assert status == 200, body
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert wait_until(lambda: len(server.step_log.read_text().splitlines()) >= before + 4, timeout=30)
+    rows = [json.loads(line) for line in server.step_log.read_text().splitlines()[before:]]
+    assert {"worker", "prefill", "pairs", "decode", "decode_context", "step_time", "end", "received", "running",
+            "waiting"} <= set(rows[0])
+    assert all(r["step_time"] > 0 and r["end"] <= r["received"] and r["prefill"] + r["decode"] > 0 for r in rows)
+    mine = [r for r in rows if r["worker"] == rows[0]["worker"]]
+    assert sum(r["prefill"] for r in mine) == prompt_tokens  # one chunk, then three decodes
+    assert [r["decode"] for r in mine[1:4]] == [1, 1, 1]
+
+
 def test_metrics(server):
     server.post("/v1/completions", {"prompt": "metrics", "max_tokens": 3, "ignore_eos": True,
                                     "ttft_slo_ms": 600000, "tbt_slo_ms": 600000})
@@ -347,3 +365,5 @@ def test_metrics(server):
         for g in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
             assert f'ascendra:{g}{{instance="{i}"}}' in m
     assert m['ascendra:request_rejected_total{reason="invalid"}'] >= 1  # test_bad_input ran first
+    assert "# TYPE ascendra:process_cpu_seconds_total counter" in text
+    assert m["ascendra:process_cpu_seconds_total"] > 0

@@ -253,3 +253,89 @@ def test_predictor_escalates_a_tight_request_off_a_slow_lp_and_it_meets_its_ttft
         assert ttft <= ttft_slo
     else:
         assert ttft > 0.5  # it would have missed the tight objective on the LP
+
+
+# ---------------------------------------------------------------- steps fitted from a server's step log
+
+
+def synthetic_step_log(alone: PerfModel, beside: PerfModel, loop_s: float, n: int = 120, seed: int = 0,
+                       slowdown: float = 1.0, noise: float = 0.0) -> list[dict]:
+    """What --step-log would hold for two workers: worker 0 alone for n steps, then both side by
+    side (same start times, same shapes) for n steps, each step `loop_s` after the last."""
+    import random
+
+    rng = random.Random(seed)
+
+    def shape() -> BatchShape:
+        pre = rng.choice([0, rng.randint(1, 512)])
+        ctx = rng.randint(0, 256) if pre else 0
+        dec = rng.randint(0 if pre else 1, 32)
+        return BatchShape(pre, pre * (ctx + pre), dec, dec * rng.randint(16, 1024))
+
+    def row(worker: int, s: BatchShape, dur: float, end: float) -> dict:
+        return {"worker": worker, "prefill": s.prefill_tokens, "pairs": s.prefill_attention_pairs,
+                "decode": s.decodes, "decode_context": s.decode_context, "step_time": dur, "end": end,
+                "received": end + 1e-4, "running": 1, "waiting": 0}
+
+    rows, t = [], 100.0
+    for _ in range(n):
+        s = shape()
+        dur = alone.predict(s) * slowdown * (1 + rng.uniform(-noise, noise))
+        rows.append(row(0, s, dur, t + dur))
+        t += dur + loop_s
+    t += 1.0  # idle
+    for _ in range(n):
+        s = shape()
+        dur = beside.predict(s) * slowdown * (1 + rng.uniform(-noise, noise))
+        rows += [row(0, s, dur, t + dur), row(1, s, dur, t + dur)]
+        t += dur + loop_s
+    return rows
+
+
+def test_shared_host_cost_recovers_alone_and_beside_step_times():
+    alone = PerfModel.from_list(COEF)
+    beside = PerfModel.from_list([c * 1.25 for c in COEF])
+    log = synthetic_step_log(alone, beside, loop_s=4e-4)
+    cost = costs.SharedHostCost.fit(log)
+    assert (cost.num_alone, cost.num_beside) == (120, 240)
+    assert cost.loop_s == pytest.approx(4e-4)
+    probe = BatchShape(300, 300 * 400, 12, 12 * 700)
+    assert cost.predict_shared(probe, 0) == pytest.approx(alone.predict(probe) + 4e-4, rel=1e-3)
+    assert cost.predict_shared(probe, 1) == pytest.approx(beside.predict(probe) + 4e-4, rel=1e-3)
+    assert cost.predict(probe) == cost.predict_shared(probe, 1)  # without context: the busier case
+    assert cost.predict_shared(BatchShape(), 1) == 0.0
+    # The same host 10% slower later: speed_ratio sees it and scaled() reproduces it.
+    slower = synthetic_step_log(alone, beside, loop_s=4e-4, seed=1, slowdown=1.1)
+    assert cost.speed_ratio(slower) == pytest.approx(1.1, rel=1e-3)
+    assert cost.scaled(1.1).predict_shared(probe, 0) == pytest.approx(1.1 * alone.predict(probe) + 4e-4, rel=1e-3)
+    with pytest.raises(ValueError, match="at least"):
+        costs.SharedHostCost.fit(log[:5])
+
+
+def test_shared_host_cost_keeps_the_total_busy_time_of_noisy_steps():
+    # The relative-error fit alone would under-predict the long steps; the rescale keeps the sum.
+    log = synthetic_step_log(PerfModel.from_list(COEF), PerfModel.from_list([c * 1.25 for c in COEF]), loop_s=0.0,
+                             noise=0.4, seed=3)
+    assert costs.SharedHostCost.fit(log).speed_ratio(log) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_simulator_slows_steps_that_start_beside_another_instance(tmp_path):
+    import json
+
+    alone = PerfModel.from_list(COEF)
+    beside = PerfModel.from_list([c * 2 for c in COEF])
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_step_log(alone, beside, loop_s=0.0)))
+    cost = costs.make_cost(f"steplog:{path}")
+    assert isinstance(cost, costs.SharedHostCost)
+    cfg = SimConfig(policy="sarathi", num_instances=2, num_blocks=256, max_model_len=2048, check_invariants=True)
+    # Two requests at once: round robin puts one on each instance; the first starts alone, the
+    # second starts while the first is mid-step.
+    specs = [RequestSpec(0, 0.0, 256, 1), RequestSpec(1, 0.0, 256, 1)]
+    sim = Simulator(cfg, cost, alone, costs.MigrationCost(32 * 1024))
+    res = sim.run(specs)
+    first = {s.index: s.first_token_time for s in res.requests}
+    prefill = BatchShape(256, 256 * 256, 0, 0)
+    assert first[0] == pytest.approx(alone.predict(prefill), rel=1e-3)
+    assert first[1] == pytest.approx(beside.predict(prefill), rel=1e-3)
+    assert_clean_end(sim, res)

@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(p)
     add_slo_args(p, None, None)
     f = p.add_argument_group("fidelity")
-    f.add_argument("--fidelity-rates", default=None, help="comma-separated rates for --fidelity (default 4,8,11: below, near and at the knee)")
+    f.add_argument("--fidelity-rates", default=None,
+                   help="comma-separated rates for --fidelity (default 4,7,10: light, busy, and just below the "
+                        "rate where this box's two workers saturate, ~11)")
+    f.add_argument("--fidelity-passes", type=int, default=2,
+                   help="--fidelity: serve each rate this many times (the figures pool them; pass against pass "
+                        "shows the real server's own noise)")
     f.add_argument("--profile", default=None,
                    help="--fidelity: the profile behind the 'sim' column: cached (default: the one the "
                         "server's workers fitted or loaded), fit (time the tiny model now, in this process) or a "

@@ -207,7 +207,12 @@ class SharedHostCost:
 
         def fit(rows: list[dict]) -> PerfModel:
             shapes = [_shape(r) for r in rows]
-            return PerfModel(window=max(len(rows), 1)).fit(shapes, [r["step_time"] for r in rows])
+            times = [r["step_time"] for r in rows]
+            model = PerfModel(window=max(len(rows), 1)).fit(shapes, times)
+            # The fit weighs relative error, which favours the many short steps; rescale it so it
+            # also reproduces the total busy time, which is what queueing in the simulator sees.
+            predicted = sum(model.predict(x) for x in shapes)
+            return PerfModel.from_list([c * sum(times) / predicted for c in model.to_list()]) if predicted > 0 else model
 
         both = fit(alone + beside)
         cost = cls(fit(alone) if len(alone) >= min_steps else both, fit(beside) if len(beside) >= min_steps else both,
