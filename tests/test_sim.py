@@ -339,3 +339,30 @@ def test_simulator_slows_steps_that_start_beside_another_instance(tmp_path):
     assert first[0] == pytest.approx(alone.predict(prefill), rel=1e-3)
     assert first[1] == pytest.approx(beside.predict(prefill), rel=1e-3)
     assert_clean_end(sim, res)
+
+
+def test_fidelity_harness_runs_the_real_server_and_the_simulator(tmp_path):
+    """A small --fidelity end to end: the real CPU server with its step log, the calibration fit,
+    and the three simulated columns. How close they come is for the full run to print (timing is
+    too noisy here to assert on)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "fid"
+    res = subprocess.run(
+        [sys.executable, "-m", "ascendra.sim", "--fidelity", "--out", str(out), "--fidelity-rates", "4",
+         "--fidelity-passes", "1", "--num-requests", "12"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["rates"] == [4.0]
+    for col in ("real", "sim", "sim_steps", "sim_steps_speed"):
+        assert 0.0 <= last["attainment"][col][0] <= 1.0 and last["ttft_mean_s"][col][0] > 0
+    assert set(last["within_10pct"]) == {"sim", "sim_steps", "sim_steps_speed", "real_pass_vs_pass"}
+    report = json.loads((out / "fidelity.json").read_text())
+    fit = report["step_log_fit"]
+    assert fit["steps_alone"] + fit["steps_beside"] >= 40 and fit["loop_s"] >= 0
+    assert report["rows"][0]["real"]["completed"] == 12
+    assert sum(1 for _ in (out / "steps.jsonl").open()) > fit["steps_alone"] + fit["steps_beside"]
