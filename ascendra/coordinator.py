@@ -252,6 +252,12 @@ class Coordinator:
         self.accepting = False
         self.shutting_down = False
         self.startup_done = False
+        self._step_log = None
+        if config.step_log:
+            try:  # unbuffered: a line per step is cheap next to the step, and readers see it at once
+                self._step_log = open(config.step_log, "ab", buffering=0)
+            except OSError as e:
+                raise StartupError(f"cannot open --step-log {config.step_log}: {e.strerror}") from e
         self._tmpdir = tempfile.mkdtemp(prefix="ascendra-coord-")
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -267,8 +273,6 @@ class Coordinator:
             port = self._sock.bind_to_random_port("tcp://127.0.0.1")
             self.address = f"tcp://127.0.0.1:{port}"
         self._tasks: list[asyncio.Task] = []
-        # Unbuffered: a line per step is cheap next to the step, and readers see it at once.
-        self._step_log = open(config.step_log, "ab", buffering=0) if config.step_log else None
 
     # ------------------------------------------------------------ startup
 
@@ -439,14 +443,22 @@ class Coordinator:
         for res in self.migrator.on_worker_down(w.worker_id):
             self._migration_ended(res, time.monotonic())
 
-    def _on_step(self, step: m.StepOutput, now: float) -> None:
-        wid = step.worker_id
-        if self._step_log is not None and step.num_seqs:
+    def _log_step(self, step: m.StepOutput, now: float) -> None:
+        try:
             self._step_log.write(_STEP_LOG_ENCODER.encode(
-                {"worker": wid, "prefill": step.num_prefill_tokens, "pairs": step.prefill_attention_pairs,
+                {"worker": step.worker_id, "prefill": step.num_prefill_tokens, "pairs": step.prefill_attention_pairs,
                  "decode": step.num_decode_tokens, "decode_context": step.decode_context_tokens,
                  "step_time": step.step_time, "end": step.time, "received": now,
                  "running": step.num_running, "waiting": step.num_waiting}) + b"\n")
+        except OSError as e:  # a full disk must not stop tokens reaching clients
+            log.error("step log disabled: %s", e)
+            self._step_log.close()
+            self._step_log = None
+
+    def _on_step(self, step: m.StepOutput, now: float) -> None:
+        wid = step.worker_id
+        if self._step_log is not None and step.num_seqs:
+            self._log_step(step, now)
         label = str(wid)
         mt = self.metrics
         mt.running.values[(label,)] = step.num_running

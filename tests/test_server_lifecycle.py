@@ -157,3 +157,15 @@ def test_sigint_also_shuts_down_cleanly():
     assert srv.stop(signal.SIGINT) == 0
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30)
     assert not _segments_of(pids)
+
+
+def test_unwritable_step_log_is_refused_at_startup(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "missing-dir" / "steps.jsonl"
+    res = subprocess.run([sys.executable, "-m", "ascendra.server", "--model", "tiny", "--fake-model", "--port", "0",
+                          "--step-log", str(bad)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 2
+    assert "--step-log" in res.stderr and str(bad) in res.stderr

@@ -7,7 +7,7 @@ finish the ones that stop. The engine knows nothing of sockets; the worker proce
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -34,10 +34,9 @@ from pathlib import Path
 
 from bench import promtext
 from bench.client import ClientConfig
-from bench.compare import ServerProcess, free_port, wait_idle
+from bench.compare import ServerProcess, free_port, http_get, wait_idle
 from bench.serve import execute, write_json
 from bench.workloads import RequestSpec, WorkloadConfig, build_workload
-from ascendra.perf_model import BatchShape
 from ascendra.sim import costs
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.sweep import VARIANTS, Setup, simulate
@@ -118,9 +117,6 @@ def _log(msg: str) -> None:
 
 def _server_metrics(base_url: str) -> dict[str, float]:
     """The coordinator's /metrics, summed over labels ({} when it does not answer)."""
-    from bench import promtext
-    from bench.compare import http_get
-
     status, text = http_get(base_url + "/metrics", 5.0)
     return promtext.parse(text) if status == 200 else {}
 
