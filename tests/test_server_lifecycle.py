@@ -6,6 +6,8 @@ import asyncio
 import glob
 import os
 import signal
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -160,9 +162,6 @@ def test_sigint_also_shuts_down_cleanly():
 
 
 def test_unwritable_step_log_is_refused_at_startup(tmp_path):
-    import subprocess
-    import sys
-
     bad = tmp_path / "missing-dir" / "steps.jsonl"
     res = subprocess.run([sys.executable, "-m", "ascendra.server", "--model", "tiny", "--fake-model", "--port", "0",
                           "--step-log", str(bad)], capture_output=True, text=True, timeout=120,

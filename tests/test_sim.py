@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -262,8 +267,6 @@ def synthetic_step_log(alone: PerfModel, beside: PerfModel, loop_s: float, n: in
                        slowdown: float = 1.0, noise: float = 0.0) -> list[dict]:
     """What --step-log would hold for two workers: worker 0 alone for n steps, then both side by
     side (same start times, same shapes) for n steps, each step `loop_s` after the last."""
-    import random
-
     rng = random.Random(seed)
 
     def shape() -> BatchShape:
@@ -320,8 +323,6 @@ def test_shared_host_cost_keeps_the_total_busy_time_of_noisy_steps():
 
 
 def test_simulator_slows_steps_that_start_beside_another_instance(tmp_path):
-    import json
-
     alone = PerfModel.from_list(COEF)
     beside = PerfModel.from_list([c * 2 for c in COEF])
     path = tmp_path / "steps.jsonl"
@@ -345,11 +346,6 @@ def test_fidelity_harness_runs_the_real_server_and_the_simulator(tmp_path):
     """A small --fidelity end to end: the real CPU server with its step log, the calibration fit,
     and the three simulated columns. How close they come is for the full run to print (timing is
     too noisy here to assert on)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "fid"
     res = subprocess.run(
         [sys.executable, "-m", "ascendra.sim", "--fidelity", "--out", str(out), "--fidelity-rates", "4",
