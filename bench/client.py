@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import aiohttp
 
-from bench.metrics import RequestResult
-from bench.workloads import RequestSpec, prompt_text, prompt_token_ids
+from .metrics import RequestResult
+from .workloads import RequestSpec, prompt_text, prompt_token_ids
 
 
 class FatalError(Exception):
@@ -399,5 +399,3 @@ def default_trace_path() -> str | None:
 
     p = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
     return str(p) if p.exists() else None
-
-

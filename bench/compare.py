@@ -11,252 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from bench import metrics, promtext
-from bench.client import ClientConfig
-from bench.serve import (add_client_args, add_slo_args, add_workload_args, execute, load_trace_for,
-                         workload_config, write_json)
-from bench.workloads import RequestSpec, build_workload
+from . import metrics
+from .args import add_client_args, add_slo_args, add_workload_args, load_trace_for, workload_config
+from .client import ClientConfig
+from .report import markdown, plot, write_json
+from .runner import execute
+from .server_process import ServerProcess, free_port, wait_idle
+from .sweeps import check_outputs, load_point, point_path, summarize_sweep
+from .workloads import RequestSpec, build_workload
 
 DEFAULT_SERVER_CMD = ("{python} -m ascendra.server --host 127.0.0.1 --port {port} --model {model} "
                       "--num-instances {num_instances} --policy {policy}")
 POLICIES = ("vllm", "sarathi", "ascendra")
-
-
-# ------------------------------------------------------------------ server process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """One server subprocess in its own process group (so its workers stop with it)."""
-
-    def __init__(self, cmd: list[str], port: int, log_path: Path) -> None:
-        self.cmd, self.port, self.log_path = cmd, port, log_path
-        self.proc: subprocess.Popen | None = None
-        self.base_url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        log.write(f"\n$ {shlex.join(self.cmd)}\n".encode())
-        log.flush()
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        log.close()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with status {self.proc.returncode} before it was "
-                                   f"healthy; last log lines ({self.log_path}):\n{self.log_tail()}")
-            if http_get(self.base_url + "/health", 2.0)[0] == 200:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"server not healthy after {timeout_s:g}s; last log lines:\n{self.log_tail()}")
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self) -> "ServerProcess":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def http_get(url: str, timeout_s: float) -> tuple[int | None, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-    except (urllib.error.URLError, OSError, ValueError):
-        return None, ""
-
-
-def wait_idle(base_url: str, timeout_s: float) -> bool:
-    """Wait until the server reports nothing running or queued (so one point's stragglers do
-    not load the next). True when idle or when it exposes no such gauges."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status, text = http_get(base_url + "/metrics", 5.0)
-        if status != 200:
-            return True
-        m = promtext.parse(text)
-        keys = [k for k in m if k.endswith(("num_requests_running", "num_requests_waiting",
-                                            "coordinator_requests_inflight"))]
-        if not keys or all(m[k] == 0 for k in keys):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-
-
-# ------------------------------------------------------------------ sweep bookkeeping
-
-
-def rate_tag(rate: float) -> str:
-    return f"rate_{rate:g}".replace(".", "p")
-
-
-def point_path(out: Path, policy: str, rate: float) -> Path:
-    return out / "points" / policy / f"{rate_tag(rate)}.json"
-
-
-def load_point(path: Path) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def point_row(policy: str, rate: float, result: dict) -> dict:
-    s = result["summary"]
-    keys = ("attainment", "attainment_p99_tbt", "goodput_rps", "completed", "failed", "num_requests",
-            "request_throughput_rps", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tbt_mean_p50_s",
-            "tbt_mean_p99_s", "itl_p99_s", "e2e_p50_s", "failure_reasons")
-    return {"policy": policy, "rate": rate} | {k: s.get(k) for k in keys} | {"error": result.get("error")}
-
-
-def output_of(req: dict) -> list | str | None:
-    return req.get("output_ids") if req.get("output_ids") is not None else req.get("output_text")
-
-
-def check_outputs(results: dict[str, dict[float, dict]], policies: Sequence[str]) -> dict:
-    """Compare per-request greedy outputs of every policy with the first one's, request by
-    request (same seed -> same prompts), over requests that completed under both."""
-    ref = policies[0]
-    report: dict = {"reference": ref, "policies": {}}
-    for pol in policies[1:]:
-        compared, mismatches, examples = 0, 0, []
-        for rate, res in sorted(results.get(pol, {}).items()):
-            ref_res = results.get(ref, {}).get(rate)
-            if ref_res is None:
-                continue
-            ref_reqs = {r["index"]: r for r in ref_res["requests"] if r["success"]}
-            for r in res["requests"]:
-                a = ref_reqs.get(r["index"])
-                if not r["success"] or a is None:
-                    continue
-                oa, ob = output_of(a), output_of(r)
-                if oa is None or ob is None:
-                    continue
-                compared += 1
-                if oa != ob:
-                    mismatches += 1
-                    if len(examples) < 10:
-                        pos = next((i for i, (x, y) in enumerate(zip(oa, ob)) if x != y), min(len(oa), len(ob)))
-                        examples.append({"rate": rate, "index": r["index"], "first_diff_at": pos})
-        report["policies"][pol] = {"compared": compared, "mismatches": mismatches, "examples": examples}
-    report["identical"] = all(v["mismatches"] == 0 and v["compared"] > 0 for v in report["policies"].values())
-    return report
-
-
-# ------------------------------------------------------------------ reports
-
-
-def markdown(summary: dict) -> str:
-    pols = summary["policies"]
-    caps = summary["capacity"]
-    slo = summary["slo"]
-    g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    lines = [
-        f"SLOs: TTFT <= {g(slo['ttft_s'])} s, mean TBT <= {g(slo['tbt_s'])} s ({slo['source']}); "
-        f"capacity = rate where attainment crosses {summary['threshold']:.0%}.",
-        "",
-        "| policy | capacity (req/s) |",
-        "|---|---|",
-    ]
-    for p in pols:
-        lines.append(f"| {p} | {metrics.Capacity(caps[p]['value'], caps[p]['bound']).label()} |")
-    lines += ["", "Attainment by rate (p99-TBT variant in brackets):", "",
-              "| rate (req/s) | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
-    by = {(pt["policy"], pt["rate"]): pt for pt in summary["points"]}
-    for rate in sorted({pt["rate"] for pt in summary["points"]}):
-        cells = []
-        for p in pols:
-            pt = by.get((p, rate))
-            cells.append("-" if pt is None else f"{pt['attainment']:.1%} ({pt['attainment_p99_tbt']:.1%})")
-        lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
-    lines += ["", "| policy | rate | completed | failed | TTFT p50 / p99 (s) | mean TBT p50 / p99 (s) | out tok/s |",
-              "|---|---|---|---|---|---|---|"]
-    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for pt in summary["points"]:
-        lines.append(f"| {pt['policy']} | {pt['rate']:g} | {pt['completed']} | {pt['failed']} | "
-                     f"{f(pt['ttft_p50_s'])} / {f(pt['ttft_p99_s'])} | "
-                     f"{f(pt['tbt_mean_p50_s'])} / {f(pt['tbt_mean_p99_s'])} | {f(pt['output_tok_s'])} |")
-    oc = summary.get("output_check")
-    if oc:
-        lines += ["", f"Greedy outputs vs {oc['reference']}: " + "; ".join(
-            f"{p}: {v['mismatches']} of {v['compared']} differ" for p, v in oc["policies"].items())]
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for p in summary["policies"]:
-        pts = sorted((pt["rate"], pt["attainment"]) for pt in summary["points"] if pt["policy"] == p)
-        if not pts:
-            continue
-        cap = metrics.Capacity(summary["capacity"][p]["value"], summary["capacity"][p]["bound"])
-        ax.plot([r for r, _ in pts], [a * 100 for _, a in pts], marker="o", label=f"{p} (cap {cap.label()})")
-    ax.axhline(summary["threshold"] * 100, color="grey", ls="--", lw=1)
-    slo = summary["slo"]
-    g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title(f"{summary['config']['model']}, {summary['config']['num_instances']} instances; "
-                 f"TTFT<={g(slo['ttft_s'])}s, TBT<={g(slo['tbt_s'])}s", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------ main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,23 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'attainment.png'}", file=sys.stderr)
     print(json.dumps({"capacity_rps": summary["capacity_rps"], "complete": not interrupted and not sweep.errors}))
     return 1 if interrupted or sweep.errors else 0
-
-
-def summarize_sweep(results: dict[str, dict[float, dict]], policies: Sequence[str], rates: Sequence[float],
-                    slo: dict | None, threshold: float, config: dict) -> dict:
-    points = [point_row(p, r, results[p][r]) for p in policies for r in rates if r in results[p]]
-    caps = {p: metrics.capacity([(pt["rate"], pt["attainment"]) for pt in points if pt["policy"] == p],
-                                threshold) for p in policies}
-    return {
-        "capacity_rps": {p: c.value for p, c in caps.items()},
-        "capacity": {p: {"value": c.value, "bound": c.bound, "label": c.label()} for p, c in caps.items()},
-        "threshold": threshold,
-        "policies": list(policies),
-        "rates": list(rates),
-        "slo": slo or {"ttft_s": None, "tbt_s": None, "source": "not measured"},
-        "config": config,
-        "points": points,
-    }
 
 
 if __name__ == "__main__":

@@ -17,18 +17,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .server_process import free_port
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import stub
+from bench import promtext, stub
 from bench.client import ClientConfig, FatalError, RunState, apply_chunk, run
 from bench.metrics import RequestResult
+from bench.server_process import free_port, http_get
 from bench.workloads import RequestSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,14 +166,10 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def stub_proc(tmp_path):
-    from bench.compare import free_port
-
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "bench.stub", "--port", str(port), "--tbt", "0.01"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    from bench.compare import http_get
-
     for _ in range(200):
         if http_get(url + "/health", 1.0)[0] == 200:
             break
@@ -243,9 +240,6 @@ def test_cli_server_killed_mid_run(stub_proc, tmp_path):
          "--prompt-len", "8", "--output-len", "40", "--json", str(out), "--quiet"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Kill once tokens are flowing (the stub counts them in /metrics).
-    from bench.compare import http_get
-    from bench import promtext
-
     for _ in range(400):
         status, text = http_get(url + "/metrics", 1.0)
         if status == 200 and promtext.parse(text).get("ascendra:generation_tokens_total", 0) > 50:

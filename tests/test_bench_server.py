@@ -15,8 +15,8 @@ import pytest
 
 from bench import promtext
 from bench.client import ClientConfig
-from bench.compare import ServerProcess, free_port, http_get
-from bench.serve import execute
+from bench.runner import execute
+from bench.server_process import ServerProcess, free_port, http_get
 from bench.workloads import RequestSpec
 
 ROOT = Path(__file__).resolve().parents[1]

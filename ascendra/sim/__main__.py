@@ -25,11 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from bench.compare import markdown, plot, rate_tag
-from bench.serve import add_slo_args, add_workload_args, format_table, workload_config, write_json
-from bench.workloads import load_trace
 from ascendra.perf_model import PerfModel
 from ascendra.sim import costs
+from ascendra.sim.benchlib import (add_slo_args, add_workload_args, format_table, load_trace, markdown, plot,
+                                   rate_tag, workload_config, write_json)
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
 from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary

@@ -32,12 +32,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import promtext
-from bench.client import ClientConfig
-from bench.compare import ServerProcess, free_port, http_get, wait_idle
-from bench.serve import execute, write_json
-from bench.workloads import RequestSpec, WorkloadConfig, build_workload
 from ascendra.sim import costs
+from ascendra.sim.benchlib import (ClientConfig, RequestSpec, ServerProcess, WorkloadConfig, build_workload,
+                                   execute, free_port, http_get, promtext, wait_idle, write_json)
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.sweep import VARIANTS, Setup, simulate
 

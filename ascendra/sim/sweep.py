@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from bench import metrics
-from bench.compare import summarize_sweep
-from bench.workloads import RequestSpec, TraceRow, WorkloadConfig, build_workload
 from ascendra.perf_model import PerfModel
+from ascendra.sim.benchlib import (RequestSpec, TraceRow, WorkloadConfig, build_workload, metrics, request_dict,
+                                   summarize_sweep)
 from ascendra.sim.costs import MigrationCost
 from ascendra.sim.engine import SimConfig, SimResult, Simulator
 
@@ -102,8 +101,6 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
         },
     }
     if with_requests:
-        from bench.serve import request_dict
-
         out["requests"] = [request_dict(r) for r in results]
     return out
 
