@@ -11,7 +11,17 @@ the coordinator and the workers on one node share it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+# Closed vocabularies: the decoders reject any other value.
+Role = Literal["mixed", "lp", "hp"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+# A worker's answer to a Migrate* message (see MigrationUpdate).
+MigrationStage = Literal[
+    "snapshot", "moved", "precopied", "frozen", "committed", "released", "cancelled", "gone", "failed"
+]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -154,7 +164,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
 class Register(msgspec.Struct, tag="register", frozen=True):
     worker_id: int
     pid: int
-    role: str  # "mixed" | "lp" | "hp"
+    role: Role
     policy: str  # local batch policy: "vllm" | "sarathi" | "lp" | "hp"
     device: str
     model: ModelInfo
@@ -171,8 +181,7 @@ class Register(msgspec.Struct, tag="register", frozen=True):
 class RequestOutput(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int] = []
-    # None while running; "stop" | "length" | "abort" | "error" once finished.
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None  # None while running
     error: str | None = None  # human-readable reason when finish_reason == "error"
     num_prompt_tokens: int = 0
 
@@ -185,7 +194,7 @@ class MigrationUpdate(msgspec.Struct, frozen=True, omit_defaults=True):
     """
 
     request_id: str
-    stage: str
+    stage: MigrationStage
     source: KVSource | None = None  # snapshot / frozen: the blocks to copy
     state: RequestState | None = None  # moved / frozen
     error: str | None = None

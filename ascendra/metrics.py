@@ -1,54 +1,34 @@
-"""Prometheus text exposition, written by hand (counters, gauges, histograms).
+"""The coordinator's Prometheus metrics (counters, gauges, histograms).
 
 Names follow vLLM's where the meaning is the same, under the ``ascendra:`` prefix.
-Observations are plain attribute updates so the per-token cost stays small.
+Observations are plain attribute updates so the per-token cost stays small; the values become
+``prometheus_client`` metric families only when ``/metrics`` is scraped (a custom collector),
+and ``prometheus_client`` writes the text exposition.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable
+from typing import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "ascendra:"
 
 
-def _fmt(v: float) -> str:
-    if v == float("inf"):
-        return "+Inf"
-    if float(v).is_integer():
-        return str(int(v)) if abs(v) < 1e15 else repr(float(v))
-    return repr(float(v))
-
-
-def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 class _Metric:
-    kind = "untyped"
-
     def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
         self.name = PREFIX + name
         self.help = help
         self.labelnames = tuple(labelnames)
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def render(self) -> list[str]:
+    def family(self) -> Metric:
         raise NotImplementedError
 
 
 class Counter(_Metric):
-    kind = "counter"
-
     def __init__(self, name: str, help: str, labelnames: Iterable[str] = (), initial: Iterable[tuple[str, ...]] = ()) -> None:
         super().__init__(name, help, labelnames)
         self.values: dict[tuple[str, ...], float] = {tuple(v): 0.0 for v in initial}
@@ -59,19 +39,16 @@ class Counter(_Metric):
     def get(self, *labels: str) -> float:
         return self.values.get(labels, 0.0)
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        name = self.name if self.name.endswith("_total") else self.name + "_total"
-        if not self.values and not self.labelnames:
-            self.values[()] = 0.0
-        for labels, v in sorted(self.values.items()):
-            lines.append(f"{name}{_labels(self.labelnames, labels)} {_fmt(v)}")
-        return lines
+    def family(self) -> Metric:
+        # CounterMetricFamily adds the `_total` suffix to the sample name.
+        f = CounterMetricFamily(self.name, self.help, labels=self.labelnames)
+        values = self.values or ({} if self.labelnames else {(): 0.0})
+        for labels, v in sorted(values.items()):
+            f.add_metric(labels, v)
+        return f
 
 
 class Gauge(_Metric):
-    kind = "gauge"
-
     def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
         super().__init__(name, help, labelnames)
         self.values: dict[tuple[str, ...], float] = {}
@@ -79,19 +56,16 @@ class Gauge(_Metric):
     def set(self, value: float, *labels: str) -> None:
         self.values[labels] = value
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        if not self.values and not self.labelnames:
-            self.values[()] = 0.0
-        for labels, v in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.labelnames, labels)} {_fmt(v)}")
-        return lines
+    def family(self) -> Metric:
+        f = GaugeMetricFamily(self.name, self.help, labels=self.labelnames)
+        values = self.values or ({} if self.labelnames else {(): 0.0})
+        for labels, v in sorted(values.items()):
+            f.add_metric(labels, v)
+        return f
 
 
 class Histogram(_Metric):
-    """Unlabelled histogram with fixed upper bounds (cumulated only when rendered)."""
-
-    kind = "histogram"
+    """Unlabelled histogram with fixed upper bounds (cumulated only when scraped)."""
 
     def __init__(self, name: str, help: str, buckets: Iterable[float]) -> None:
         super().__init__(name, help)
@@ -110,16 +84,31 @@ class Histogram(_Metric):
         self.sum += v * n
         self.count += n
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        cum = 0
+    def family(self) -> Metric:
+        cumulative, buckets = 0, []
         for bound, c in zip(self.bounds, self.counts):
-            cum += c
-            lines.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {cum}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {_fmt(self.sum)}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
+            cumulative += c
+            buckets.append((floatToGoString(bound), cumulative))
+        buckets.append(("+Inf", self.count))
+        return HistogramMetricFamily(self.name, self.help, buckets=buckets, sum_value=self.sum)
+
+
+class _Collector:
+    """Hands prometheus_client the current values of the given metrics at scrape time."""
+
+    def __init__(self, metrics: Iterable[_Metric]) -> None:
+        self.metrics = list(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.metrics:
+            yield m.family()
+
+
+def exposition(metrics: Iterable[_Metric]) -> str:
+    """Prometheus text format (0.0.4) of these metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(metrics))
+    return generate_latest(registry).decode()
 
 
 # vLLM's bucket choices, so dashboards built for it read these the same way.
@@ -203,7 +192,4 @@ class ServerMetrics:
         ]
 
     def render(self) -> str:
-        lines: list[str] = []
-        for m in self.all():
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+        return exposition(self.all())

@@ -1,30 +1,18 @@
-"""Minimal Prometheus text-format reader (pure): enough to total counters and histograms."""
+"""Totals from a Prometheus text exposition (parsed by prometheus_client): enough to total
+counters and histograms across label sets."""
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def parse(text: str) -> dict[str, float]:
-    """Sample name -> value, summed over label sets ('x_bucket' lines are skipped)."""
+    """Sample name -> value, summed over label sets ('x_bucket' samples are skipped)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, _, rest = line.partition("{")
-            rest = rest.rsplit("}", 1)[-1]
-        else:
-            name, _, rest = line.partition(" ")
-        if name.endswith("_bucket"):
-            continue
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        out[name] = out.get(name, 0.0) + value
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 READY = re.compile(r"^Ascendra serving .* on (http://\S+) ")
 
 
@@ -90,13 +92,13 @@ class ServerProcess:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (label order as written)."""
+    """Prometheus text (parsed by prometheus_client) -> {'name{labels}': value}, labels in the
+    order the server wrote them."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        out[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return out
 
 

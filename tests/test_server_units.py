@@ -6,10 +6,11 @@ import random
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ascendra.detokenizer import DetokenizerFactory, StopChecker, WindowDetokenizer
 from ascendra.messages import StepOutput
-from ascendra.metrics import Histogram, ServerMetrics
+from ascendra.metrics import Histogram, ServerMetrics, exposition
 from ascendra.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -28,6 +29,7 @@ from ascendra.router import (
     make_policy,
     plan_instances,
 )
+from tests.server_harness import parse_metrics
 
 
 @pytest.fixture(scope="module")
@@ -200,19 +202,28 @@ def test_histogram_and_render():
     h = Histogram("x_seconds", "help", [0.1, 1.0])
     for v in (0.05, 0.1, 0.5, 2.0):
         h.observe(v)
-    text = "\n".join(h.render())
-    assert 'ascendra:x_seconds_bucket{le="0.1"} 2' in text
-    assert 'ascendra:x_seconds_bucket{le="1"} 3' in text
-    assert 'ascendra:x_seconds_bucket{le="+Inf"} 4' in text
-    assert "ascendra:x_seconds_count 4" in text
-    m = ServerMetrics()
-    m.kv_usage.set(0.25, "0")
-    m.success.inc(1, "stop")
-    out = m.render()
-    assert 'ascendra:kv_cache_usage_perc{instance="0"} 0.25' in out
-    assert 'ascendra:request_success_total{finished_reason="stop"} 1' in out
-    assert 'ascendra:slo_requests_total{result="met"} 0' in out
+    h.observe_many(0.5, 3)
+    m = parse_metrics(exposition([h]))
+    assert m['ascendra:x_seconds_bucket{le="0.1"}'] == 2  # bounds are inclusive
+    assert m['ascendra:x_seconds_bucket{le="1.0"}'] == 6
+    assert m['ascendra:x_seconds_bucket{le="+Inf"}'] == 7
+    assert m["ascendra:x_seconds_count"] == 7
+    assert m["ascendra:x_seconds_sum"] == pytest.approx(0.05 + 0.1 + 0.5 + 2.0 + 1.5)
+    sm = ServerMetrics()
+    sm.kv_usage.set(0.25, "0")
+    sm.success.inc(1, "stop")
+    sm.generation_tokens.inc(5)
+    out = sm.render()
+    m = parse_metrics(out)
+    assert m['ascendra:kv_cache_usage_perc{instance="0"}'] == 0.25
+    assert m['ascendra:request_success_total{finished_reason="stop"}'] == 1
+    assert m['ascendra:slo_requests_total{result="met"}'] == 0
+    assert m["ascendra:generation_tokens_total"] == 5
+    assert m["ascendra:coordinator_requests_inflight"] == 0  # unlabelled gauges read 0 before any set
     assert "# TYPE ascendra:time_to_first_token_seconds histogram" in out
+    families = {f.name: f.type for f in text_string_to_metric_families(out)}
+    assert len(families) == len(sm.all())
+    assert families["ascendra:escalations"] == "counter"
 
 
 # ---------------------------------------------------------------- request schemas
