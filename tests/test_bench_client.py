@@ -180,6 +180,7 @@ def stub_proc(tmp_path):
     p.wait()
 
 
+@pytest.mark.e2e
 def test_cli_last_line_is_json_and_file_written(stub_proc, tmp_path):
     _, url = stub_proc
     out = tmp_path / "r.json"
@@ -198,6 +199,7 @@ def test_cli_last_line_is_json_and_file_written(stub_proc, tmp_path):
     assert r0["ttft_s"] > 0 and len(r0["token_times_s"]) == r0["n_out"] == r0["output_len"]
 
 
+@pytest.mark.e2e
 def test_cli_trace_replay_keeps_relative_timing(stub_proc, tmp_path):
     _, url = stub_proc
     gaps = [0.0, 0.3, 0.05, 0.6, 0.0, 0.25, 0.4, 0.1]
@@ -220,6 +222,7 @@ def test_cli_trace_replay_keeps_relative_timing(stub_proc, tmp_path):
     assert max(s - o for s, o in zip(sends, offsets)) < 1.0
 
 
+@pytest.mark.e2e
 def test_cli_bad_url_gives_clear_error_and_partial_json(tmp_path):
     out = tmp_path / "r.json"
     res = cli("--base-url", "http://127.0.0.1:9", "--rate", "5", "--num-requests", "4", "--json", str(out),
@@ -232,6 +235,7 @@ def test_cli_bad_url_gives_clear_error_and_partial_json(tmp_path):
     assert all(r["error"].startswith("not sent: cannot reach server") for r in data["requests"])
 
 
+@pytest.mark.e2e
 def test_cli_server_killed_mid_run(stub_proc, tmp_path):
     proc, url = stub_proc
     out = tmp_path / "r.json"
@@ -259,6 +263,7 @@ def test_cli_server_killed_mid_run(stub_proc, tmp_path):
     assert all(r["error"] for r in data["requests"] if not r["success"])
 
 
+@pytest.mark.e2e
 def test_compare_sweep_against_stub_and_resume(tmp_path):
     out = tmp_path / "cmp"
     args = [sys.executable, "-m", "bench.compare", "--server-cmd", "{python} -m bench.stub --port {port} --tbt 0.005",
@@ -283,6 +288,7 @@ def test_compare_sweep_against_stub_and_resume(tmp_path):
     assert "starting" not in res2.stderr
 
 
+@pytest.mark.e2e
 def test_compare_extends_a_sweep_with_new_rates(tmp_path):
     out = tmp_path / "cmp"
     base = [sys.executable, "-m", "bench.compare", "--server-cmd", "{python} -m bench.stub --port {port}",
@@ -304,6 +310,7 @@ def test_compare_extends_a_sweep_with_new_rates(tmp_path):
     assert res.returncode == 2 and "different config" in res.stderr
 
 
+@pytest.mark.e2e
 def test_compare_reports_a_server_that_does_not_start(tmp_path):
     out = tmp_path / "cmp"
     res = subprocess.run(

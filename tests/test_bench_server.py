@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,8 +20,7 @@ from bench.workloads import RequestSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ascendra.server") is None,
-                                reason="ascendra.server is not importable yet")
+pytestmark = pytest.mark.e2e
 
 
 def start_server(tmp: Path, *extra: str) -> ServerProcess:

@@ -61,6 +61,7 @@ def _copy_across_processes(device: str) -> None:
     return handle
 
 
+@pytest.mark.e2e
 def test_copy_blocks_between_two_processes_cpu():
     before = our_shm_segments()
     handle = _copy_across_processes("cpu")
@@ -69,6 +70,7 @@ def test_copy_blocks_between_two_processes_cpu():
     assert wait_until(lambda: our_shm_segments() <= before, timeout=5)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA IPC)")
 def test_copy_blocks_between_two_processes_cuda_ipc():
     handle = _copy_across_processes("cuda:0")

@@ -2,11 +2,15 @@
 
 import time
 
+import pytest
+
 from ascendra.messages import AddRequest, StepOutput
 from ascendra.migrator import Migrator
 from ascendra.router import Escalation
 from tests.runtime_utils import greedy, make_engine, run_all
 from workers.driver import WorkerDriver
+
+pytestmark = pytest.mark.e2e
 
 PROMPTS = {"dec": list(range(200, 260)), "pre": list(range(300, 620)), "stay": list(range(50, 90))}
 N_OUT = 24

@@ -11,6 +11,8 @@ import pytest
 from tests.helpers import wait_until
 from tests.server_harness import ServerProcess, parse_metrics, sse_events
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -10,6 +10,8 @@ from tests.helpers import wait_until
 from tests.runtime_utils import greedy, make_engine, run_all
 from tests.server_harness import ServerProcess
 
+pytestmark = pytest.mark.e2e
+
 PROMPTS = [list(range(1000 + 7 * i, 1000 + 7 * i + n)) for i, n in enumerate((20, 90, 200, 45, 130, 12))]
 N_OUT = 24
 

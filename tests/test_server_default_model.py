@@ -6,6 +6,8 @@ import pytest
 
 from tests.server_harness import ServerProcess
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def server():

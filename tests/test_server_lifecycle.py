@@ -15,6 +15,8 @@ import pytest
 from tests.helpers import pid_alive, wait_until
 from tests.server_harness import ServerProcess, parse_metrics, sse_events
 
+pytestmark = pytest.mark.e2e
+
 
 def _segments_of(pids):
     return [p for pid in pids for p in glob.glob(f"/dev/shm/ascendra_{pid}_*")]

@@ -342,6 +342,7 @@ def test_simulator_slows_steps_that_start_beside_another_instance(tmp_path):
     assert_clean_end(sim, res)
 
 
+@pytest.mark.e2e
 def test_fidelity_harness_runs_the_real_server_and_the_simulator(tmp_path):
     """A small --fidelity end to end: the real CPU server with its step log, the calibration fit,
     and the three simulated columns. How close they come is for the full run to print (timing is

@@ -13,6 +13,8 @@ from ascendra.messages import AbortRequests, AddRequest, SamplingParams, Shutdow
 from tests.helpers import our_shm_segments, pid_alive, wait_until
 from workers.driver import WorkerDriver
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def driver(tiny_model):
