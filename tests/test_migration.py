@@ -8,6 +8,9 @@ from ascendra.messages import AddRequest, MigrationUpdate
 from tests.runtime_utils import greedy, make_engine, run_all
 from workers.migration import Migrations
 
+# Runs the real model through two engines (seconds per test on CPU).
+pytestmark = pytest.mark.e2e
+
 PROMPTS = [list(range(100, 100 + n)) for n in (40, 150, 70, 9, 120)]
 N_OUT = 30
 

@@ -7,6 +7,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ascendra.messages import AddRequest, SamplingParams
 from tests.runtime_utils import greedy, make_engine, run_all
 
+# Runs the real model through the engine (seconds per test on CPU).
+pytestmark = pytest.mark.e2e
+
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a land far away, there lived a",
