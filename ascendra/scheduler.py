@@ -54,7 +54,7 @@ class ScheduledSeq:
     """One request's share of a step. A plain class with slots: the scheduler makes one per
     running request per step, and the simulator millions of them."""
 
-    __slots__ = ("seq", "num_tokens", "context_len", "samples")
+    __slots__ = ("seq", "num_tokens", "context_len", "samples", "is_decode")
 
     def __init__(self, seq: Sequence, num_tokens: int, context_len: int) -> None:
         self.seq = seq
@@ -63,6 +63,10 @@ class ScheduledSeq:
         # True when this step reaches the end of the known tokens, so a new one is sampled.
         # Fixed at scheduling time: the sequence grows once the step's token is appended.
         self.samples = context_len + num_tokens == len(seq.token_ids)
+        # The one prefill/decode rule (batch shape, attention path, performance model): a decode
+        # computes one token against K/V already in the pool. A one-token prefill chunk after
+        # cached context has exactly a decode's shape and cost, so it counts as one.
+        self.is_decode = num_tokens == 1 and context_len > 0
 
     def __repr__(self) -> str:
         return f"ScheduledSeq({self.seq.request_id!r}, {self.num_tokens}, {self.context_len})"
@@ -83,7 +87,7 @@ class SchedulerOutput:
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(1 for s in self.scheduled if s.num_tokens == 1 and s.seq.is_decoding)
+        return sum(1 for s in self.scheduled if s.is_decode)
 
     @property
     def num_prefill_tokens(self) -> int:
