@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import logging
 import time
@@ -85,6 +86,27 @@ class APILimits:
 
 # Texts shorter than this are tokenised on the event loop: a thread hop costs more than them.
 INLINE_TOKENIZE_CHARS = 4096
+# After tokenising a text this long, hand the freed memory back to the OS (see _trim_heap).
+TRIM_AFTER_CHARS = 256 * 1024
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """glibc keeps the tokeniser's freed arenas (hundreds of MB for a multi-MB prompt);
+    malloc_trim returns them, so one huge request does not leave the coordinator fat."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 # apply_chat_template keywords a request must not steer through chat_template_kwargs.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
@@ -211,7 +233,15 @@ class API:
         """Run fn on the tokenizer threads unless the text is small enough to be quicker here."""
         if size < INLINE_TOKENIZE_CHARS:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+        def run() -> Any:
+            try:
+                return fn()
+            finally:
+                if size >= TRIM_AFTER_CHARS:
+                    _trim_heap()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     # ------------------------------------------------------------ generation
 

@@ -778,6 +778,8 @@ class Coordinator:
         """What a client or load balancer needs; pids and failure texts stay in the log and /metrics."""
         return {
             "status": "ok" if self.healthy else "degraded",
+            "requests_inflight": len(self.requests),
+            "requests_waiting": self.num_unstarted,
             "workers": [
                 {"id": w.worker_id, "role": w.spec.role, "alive": w.alive, "num_requests": len(w.requests)}
                 for w in self.workers
