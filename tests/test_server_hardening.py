@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -290,9 +292,19 @@ async def test_bad_sampling_params_do_not_touch_other_streams(srv):
 @pytest.fixture(scope="module")
 def big_srv():
     s = ServerProcess("--model", "tiny", "--num-instances", "1", "--max-model-len", "1024",
-                      "--max-request-bytes", "9000000", "--max-prompt-chars", "9000000")
+                      "--max-request-bytes", "9000000", "--max-prompt-chars", "9000000",
+                      "--allow-request-chat-template")
     yield s
     s.stop()
+
+
+def test_request_chat_template_only_with_the_flag(big_srv):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "chat_template_kwargs": {"chat_template": "{% for m in messages %}<{{ m.content }}>{% endfor %}"}}
+    status, res = big_srv.post("/v1/chat/completions", body)
+    assert status == 200, res
+    plain = big_srv.post("/v1/completions", {"prompt": "<hi>", "max_tokens": 1})[1]
+    assert res["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
 
 
 async def test_huge_prompt_does_not_stall_other_streams(big_srv):
@@ -399,17 +411,35 @@ def test_forged_worker_messages_are_dropped(tcp_srv):
         assert status == 200 and res["usage"]["completion_tokens"] == 3
 
 
-def test_killed_coordinator_leaves_no_socket_dir():
+def test_killed_coordinator_leaves_no_socket_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # this server's temp files only
     s = ServerProcess("--model", "tiny", "--num-instances", "1", "--max-model-len", "512")
     pids = s.worker_pids()
-    leftovers = lambda: glob.glob(f"/tmp/ascendra-coord-{s.proc.pid}-*")  # noqa: E731
+    ours = lambda: list(tmp_path.glob("ascendra-coord-*"))  # noqa: E731 (torch puts its own dirs there too)
     try:
         # The socket's path is removed once every worker is connected.
-        assert leftovers() == []
+        assert ours() == []
         assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
     finally:
         s.stop(signal.SIGKILL)
-    assert leftovers() == []
+    assert ours() == []
     # The workers notice their parent is gone and exit (they clean their own shared memory).
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60)
     assert wait_until(lambda: not any(glob.glob(f"/dev/shm/ascendra_{p}_*") for p in pids), timeout=30)
+
+
+def test_stale_socket_dir_of_a_dead_coordinator_is_removed(monkeypatch, tmp_path):
+    """A coordinator SIGKILLed during startup leaves its directory; the next start removes it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"ascendra-coord-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "coordinator.sock").touch()
+    live = tmp_path / f"ascendra-coord-{os.getpid()}-def"  # a live process's: kept
+    live.mkdir()
+    s = ServerProcess("--model", "tiny", "--num-instances", "1", "--max-model-len", "512")
+    try:
+        assert not stale.exists() and live.exists()
+    finally:
+        s.stop()
