@@ -205,7 +205,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
+    "parallel_tool_calls": (None, True, False),  # harmless without tools, which are refused
     "documents": (None, []),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -303,6 +303,8 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         raise APIError("messages must not be empty.", param="messages")
     out = []
     for m in req.messages:
+        if m.tool_calls or m.tool_call_id is not None:
+            raise APIError("Tool calls in messages are not supported.", param="messages")
         c = m.content
         if c is None:
             text = ""

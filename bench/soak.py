@@ -184,7 +184,7 @@ class Soak:
         while time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.one(s), timeout=120)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._fail("timeout")
             except aiohttp.ClientError as e:
                 self._fail(f"client_{type(e).__name__}")

@@ -12,6 +12,7 @@ from ascendra.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    chat_messages,
     decode_request,
     validate_common,
 )
@@ -97,6 +98,14 @@ def test_bounds_accept_the_edges():
         validate_common(decode_request(body, CompletionRequest))
     validate_common(decode_request(b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "none", '
                                    b'"response_format": {"type": "text"}}', ChatCompletionRequest))
+
+
+def test_tool_messages_are_refused():
+    req = decode_request(b'{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "1"}]}]}',
+                         ChatCompletionRequest)
+    with pytest.raises(APIError) as e:
+        chat_messages(req)
+    assert e.value.param == "messages"
 
 
 def test_malformed_bodies_are_400_without_exception_text():

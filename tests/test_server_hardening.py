@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 
 import aiohttp
-import msgspec
 import pytest
 import zmq
 
@@ -316,7 +315,7 @@ async def test_huge_prompt_does_not_stall_other_streams(big_srv):
     huge = ("the quick brown fox jumps over the lazy dog " * 100_000)[:4_000_000]
     # Encoded once here: the test's own event loop must not stall on it either.
     huge_body = json.dumps({"prompt": huge, "max_tokens": 4}).encode()
-    _ok_plain = lambda: srv.post("/v1/completions", {"prompt": "warm", "max_tokens": 2})[0] == 200  # noqa: E731
+    _ok_plain = lambda: srv.post("/v1/completions", {"prompt": "warm", "max_tokens": 2})[0] == 200
     assert _ok_plain()
     rss_before = rss_bytes(srv.proc.pid)
     gaps: list[tuple[float, float]] = []
@@ -415,7 +414,7 @@ def test_killed_coordinator_leaves_no_socket_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # this server's temp files only
     s = ServerProcess("--model", "tiny", "--num-instances", "1", "--max-model-len", "512")
     pids = s.worker_pids()
-    ours = lambda: list(tmp_path.glob("ascendra-coord-*"))  # noqa: E731 (torch puts its own dirs there too)
+    ours = lambda: list(tmp_path.glob("ascendra-coord-*"))  # torch puts its own dirs there too
     try:
         # The socket's path is removed once every worker is connected.
         assert ours() == []
