@@ -118,9 +118,11 @@ def p99(values: list[float]) -> float | None:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, base_url: str) -> None:
+    def __init__(self, args: argparse.Namespace, base_url: str, pids: list[int]) -> None:
         self.a = args
         self.url = base_url
+        self.pids = pids  # coordinator first, then workers
+        self.rss_per_minute: list[list[float | None]] = []
         self.rng = random.Random(args.seed)
         self.kinds = Counter()
         self.failures = Counter()
@@ -189,12 +191,18 @@ class Soak:
             except aiohttp.ClientError as e:
                 self._fail(f"client_{type(e).__name__}")
 
+    async def sample_rss(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(60.0, max(0.0, deadline - time.monotonic())))
+            self.rss_per_minute.append([rss_mb(p) for p in self.pids])
+
     async def run(self) -> None:
         self.start = time.monotonic()
         deadline = self.start + self.a.duration
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=180)) as s:
-            await asyncio.gather(*(self.client(s, deadline) for _ in range(self.a.concurrency)))
+            await asyncio.gather(self.sample_rss(deadline),
+                                 *(self.client(s, deadline) for _ in range(self.a.concurrency)))
 
 
 def metrics(base_url: str) -> dict[str, float]:
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         server_pid = srv.proc.pid
         workers = worker_pids(server_pid)
         rss_start = {"coordinator_mb": rss_mb(server_pid), "workers_mb": [rss_mb(p) for p in workers]}
-        soak = Soak(a, srv.base_url)
+        soak = Soak(a, srv.base_url, [server_pid, *workers])
         print(f"soaking {srv.base_url} for {a.duration:g}s with {a.concurrency} clients (log {log_path})", flush=True)
         asyncio.run(soak.run())
         m = wait_idle(srv.base_url, 60.0)
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ttft_s_per_minute": [round(p99(soak.ttft_by_minute[k]) or 0.0, 4) for k in sorted(soak.ttft_by_minute)],
         "rss_start": rss_start,
         "rss_end": rss_end,
+        "rss_mb_per_minute": soak.rss_per_minute,  # [coordinator, workers...] at the end of each minute
         "kv_usage_at_idle": kv_idle,
         "kv_idle_zero": all(v == 0 for v in kv_idle.values()),
         "client_disconnects_counted": disconnects,
