@@ -281,7 +281,9 @@ class API:
             return tok.encode(text, add_special_tokens=False)
 
         try:
-            ids = await self._off_loop(render, sum(len(x["content"]) for x in msgs))
+            # A request's own template may loop for long whatever the text size: never on the loop.
+            size = INLINE_TOKENIZE_CHARS if "chat_template" in kwargs else sum(len(x["content"]) for x in msgs)
+            ids = await self._off_loop(render, size)
         except Exception as e:  # template errors are the caller's (e.g. a role it rejects)
             log.debug("chat template failed: %r", e)
             raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
