@@ -175,7 +175,7 @@ class Soak:
                     if kind == "disconnect":
                         r.close()  # drop the connection mid-stream
                         return
-                if b'"error"' in line:
+                if line.startswith(b'data: {"error"'):  # an error event (token text may say "error")
                     self._fail("stream_error_event")
                 if line.strip() == b"data: [DONE]":
                     done = True

@@ -348,6 +348,27 @@ async def test_huge_prompt_does_not_stall_other_streams(big_srv):
         rss_before, rss_bytes(srv.proc.pid))
 
 
+async def test_slow_request_template_does_not_stall_other_streams(big_srv):
+    """With --allow-request-chat-template a request's template runs on the tokenizer threads."""
+    srv = big_srv
+    loops = "{% for i in range(200) %}{% for j in range(200) %}{% for k in range(25) %}{% endfor %}{% endfor %}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "chat_template_kwargs": {"chat_template": loops + "{{ messages[0].content }}"}}
+    gaps: list[tuple[float, float]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        streams = [asyncio.ensure_future(_stream_gaps(s, srv.url, 300, gaps)) for _ in range(4)]
+        while len(gaps) < 20:
+            await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        async with s.post(srv.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+        span = (t0, time.monotonic())
+        await asyncio.gather(*streams)
+    during = [g for t, g in gaps if span[0] <= t <= span[1] + 0.5]
+    print(f"template took {span[1] - span[0]:.2f}s; stream gaps during it: max {max(during):.3f}s")
+    assert during and max(during) < 0.5 * (span[1] - span[0]), (max(during), span)
+
+
 # ---------------------------------------------------------------- the worker link
 
 
