@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -43,18 +47,89 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
     return web.Response(body=body, status=status, content_type=JSON, headers=headers)
 
 
+def _short(e: Exception, limit: int = 200) -> str:
+    """An exception's message for a client: its text only (no repr, no traceback), cut short."""
+    text = str(e) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def error_response(err: APIError) -> web.Response:
     headers = {"Retry-After": "1"} if err.status in (429, 503) else None
     return json_response(err.to_json(), status=err.status, headers=headers)
 
 
+@dataclass
+class APILimits:
+    """What one request may cost the coordinator before a worker sees it.
+
+    0 means "derive from the model": the body bound is a few bytes per token of context
+    (token ids as JSON take up to ~8 bytes each, text up to ~4 bytes per character);
+    the character bound is checked before tokenising, so a prompt that cannot fit is
+    refused without spending CPU on it.
+    """
+
+    max_request_bytes: int = 0
+    max_prompt_chars: int = 0
+    body_timeout: float = 60.0  # seconds to receive a request body once its headers are in
+    api_key: str | None = None
+    allow_request_chat_template: bool = False
+
+    def resolved(self, max_model_len: int) -> "APILimits":
+        return APILimits(
+            max_request_bytes=self.max_request_bytes or 64 * 1024 + 32 * max_model_len,
+            max_prompt_chars=self.max_prompt_chars or 16 * max_model_len,
+            body_timeout=self.body_timeout,
+            api_key=self.api_key,
+            allow_request_chat_template=self.allow_request_chat_template,
+        )
+
+
+# Texts shorter than this are tokenised on the event loop: a thread hop costs more than them.
+INLINE_TOKENIZE_CHARS = 4096
+# After tokenising a text this long, hand the freed memory back to the OS (see _trim_heap).
+TRIM_AFTER_CHARS = 256 * 1024
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """glibc keeps the tokeniser's freed arenas (hundreds of MB for a multi-MB prompt);
+    malloc_trim returns them, so one huge request does not leave the coordinator fat."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+# apply_chat_template keywords a request must not steer through chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 class API:
-    def __init__(self, coordinator: Coordinator, served_names: list[str]) -> None:
+    def __init__(self, coordinator: Coordinator, served_names: list[str], limits: APILimits | None = None) -> None:
         self.coord = coordinator
         # The first name is what responses report; the others are accepted aliases.
         self.model_name = served_names[0]
         self.accepted_models = set(served_names)
         self.tokenizer = coordinator.tokenizer
+        self.limits = (limits or APILimits()).resolved(self._max_model_len())
+        self._api_key = self.limits.api_key.encode() if self.limits.api_key else None
+        # Tokenising and templating long texts runs here, so the event loop keeps streaming
+        # other requests' tokens. Two threads: a burst of huge prompts queues, bounded.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -62,7 +137,7 @@ class API:
         try:
             return await handler(request)
         except APIError as e:
-            if e.status in (400, 404):
+            if e.status in (400, 404, 413, 415):
                 self.coord.metrics.rejected.inc(1, "invalid")
             return error_response(e)
         except web.HTTPException as e:
@@ -71,18 +146,41 @@ class API:
             raise
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away; nothing to answer
-        except Exception as e:
+        except Exception:
+            # The detail goes to the log only: a response never carries a Python repr.
             log.exception("unexpected error serving %s", request.path)
-            return error_response(APIError(f"Internal error: {e!r}", status=500, type="internal_server_error"))
+            return error_response(APIError("Internal server error; the server log has the details.", status=500,
+                                           type="internal_server_error"))
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """--api-key: /v1/* needs "Authorization: Bearer <key>"; /health and /metrics stay open."""
+        if self._api_key is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = hmac.compare_digest(token.strip().encode(), self._api_key) and scheme.lower() == "bearer"
+            if not ok:
+                self.coord.metrics.rejected.inc(1, "unauthorized")
+                return json_response(
+                    APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401,
+                             type="authentication_error", code=401).to_json(),
+                    status=401, headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._auth, self._errors],
+                              client_max_size=self.limits.max_request_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.on_cleanup.append(self._on_cleanup)
         return app
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.close()
 
     # ------------------------------------------------------------ simple endpoints
 
@@ -90,6 +188,7 @@ class API:
         return json_response(models_response([self.model_name], self._max_model_len()))
 
     async def health(self, request: web.Request) -> web.Response:
+        # Short on purpose: worker pids and failure texts go to the log and /metrics.
         status = 200 if self.coord.healthy and self.coord.accepting else 503
         return json_response(msgspec.json.encode(self.coord.health()), status=status)
 
@@ -97,25 +196,74 @@ class API:
         return web.Response(text=self.coord.render_metrics(), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Format": "prometheus-0.0.4"})
 
+    # ------------------------------------------------------------ request intake
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body of a JSON request, bounded in type, size and time."""
+        ctype = request.headers.get("Content-Type", "")
+        if ctype.split(";", 1)[0].strip().lower() != JSON:
+            raise APIError(f"Content-Type must be {JSON}, got {ctype or 'none'!r}.", status=415,
+                           param="Content-Type", code=415)
+        limit = self.limits.max_request_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise self._too_large(request.content_length)
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise APIError(f"The request body did not arrive within {self.limits.body_timeout:g}s.",
+                           status=408, code=408) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large(None) from None
+
+    def _too_large(self, size: int | None) -> APIError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return APIError(f"The request body{got} exceeds the limit of {self.limits.max_request_bytes} bytes "
+                        "(--max-request-bytes).", status=413, code=413)
+
+    def _check_chars(self, n: int, param: str) -> None:
+        if n > self.limits.max_prompt_chars:
+            raise APIError(
+                f"The {param} has {n} characters, more than this server accepts ({self.limits.max_prompt_chars}, "
+                f"--max-prompt-chars); it could not fit the model's context of {self._max_model_len()} tokens.",
+                param=param, code="context_length_exceeded",
+            )
+
+    async def _off_loop(self, fn: Any, size: int) -> Any:
+        """Run fn on the tokenizer threads unless the text is small enough to be quicker here."""
+        if size < INLINE_TOKENIZE_CHARS:
+            return fn()
+
+        def run() -> Any:
+            try:
+                return fn()
+            finally:
+                if size >= TRIM_AFTER_CHARS:
+                    _trim_heap()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
     # ------------------------------------------------------------ generation
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
-        req: CompletionRequest = decode_request(await request.read(), CompletionRequest)
+        req: CompletionRequest = decode_request(await self._read_body(request), CompletionRequest)
         self._check_common(req)
         prompt = prompt_of(req)
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError("prompt must not be empty.", param="prompt")
-            ids = self.tokenizer.encode(prompt)
+            self._check_chars(len(prompt), "prompt")
+            encode = self.tokenizer.encode
+            ids = await self._off_loop(lambda: encode(prompt), len(prompt))
         else:
-            ids = self._check_token_ids(prompt)
+            ids = self._check_token_ids(prompt, "prompt")
         max_tokens = self._max_tokens(req, ids, default=16, param="prompt")
         return await self._generate(request, req, ids, max_tokens, arrival, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
-        req: ChatCompletionRequest = decode_request(await request.read(), ChatCompletionRequest)
+        req: ChatCompletionRequest = decode_request(await self._read_body(request), ChatCompletionRequest)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
             if req.max_tokens <= 0:
@@ -123,19 +271,51 @@ class API:
                                param="max_completion_tokens")
         self._check_common(req)
         msgs = chat_messages(req)
+        self._check_chars(sum(len(x["content"]) for x in msgs), "messages")
+        kwargs = self._template_kwargs(req)
+        tok = self.tokenizer
+
+        def render() -> list[int]:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                                           **kwargs)
+            return tok.encode(text, add_special_tokens=False)
+
         try:
-            text = self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
-            )
+            # A request's own template may loop for long whatever the text size: never on the loop.
+            size = INLINE_TOKENIZE_CHARS if "chat_template" in kwargs else sum(len(x["content"]) for x in msgs)
+            ids = await self._off_loop(render, size)
         except Exception as e:  # template errors are the caller's (e.g. a role it rejects)
-            raise APIError(f"Cannot apply the chat template: {e}", param="messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+            log.debug("chat template failed: %r", e)
+            raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
         max_tokens = self._max_tokens(req, ids, default=None, param="messages")
         return await self._generate(request, req, ids, max_tokens, arrival, chat=True)
 
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """chat_template_kwargs as apply_chat_template takes them; a request's own template only if allowed."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = req.chat_template
+        if "chat_template" in kwargs:
+            template = kwargs.pop("chat_template")
+            param = "chat_template_kwargs"
+        else:
+            param = "chat_template"
+        if template is not None:
+            if not self.limits.allow_request_chat_template:
+                # A Jinja template is a program: one request could spin the tokenizer threads.
+                raise APIError("Request-supplied chat templates are disabled on this server "
+                               "(--allow-request-chat-template enables them).", param=param)
+            if not isinstance(template, str):
+                raise APIError("chat_template must be a string.", param=param)
+            kwargs["chat_template"] = template
+        for key in kwargs:
+            if key in _RESERVED_TEMPLATE_KWARGS and key != "chat_template":
+                raise APIError(f"chat_template_kwargs may not set {key!r}.", param="chat_template_kwargs")
+        return kwargs
+
     def _check_common(self, req: GenerationRequest) -> None:
         validate_common(req)
+        if req.stop_token_ids:
+            self._check_token_ids(req.stop_token_ids, "stop_token_ids")
         if req.model is not None and req.model not in self.accepted_models:
             raise APIError(f"The model `{req.model}` does not exist.", status=404, type="NotFoundError",
                            param="model", code=404)
@@ -144,12 +324,12 @@ class API:
         info = self.coord.model_info
         return info.max_model_len if info is not None else 0
 
-    def _check_token_ids(self, ids: list[int]) -> list[int]:
+    def _check_token_ids(self, ids: list[int], param: str) -> list[int]:
         info = self.coord.model_info
         vocab = info.vocab_size if info is not None else len(self.tokenizer)
         for t in ids:
             if not 0 <= t < vocab:
-                raise APIError(f"Token id {t} is out of vocabulary range [0, {vocab}).", param="prompt")
+                raise APIError(f"Token id {t} is out of vocabulary range [0, {vocab}).", param=param)
         return list(ids)
 
     def _max_tokens(self, req: GenerationRequest, ids: list[int], default: int | None, param: str) -> int:
@@ -215,6 +395,9 @@ class API:
             if req.stream:
                 return await self._stream(request, st, chunks, chat)
             await st.wait_done()
+        except asyncio.CancelledError:  # the client closed the connection (handler_cancellation)
+            self._disconnected(st)
+            raise
         finally:
             if not st.client_done:
                 coord.abort(st)
@@ -229,14 +412,21 @@ class API:
         self, request: web.Request, st: RequestState, chunks: ChunkWriter | None, chat: bool
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-        await resp.prepare(request)
-        if chat and chunks is not None:
-            await resp.write(chunks.role())
-        while True:
-            data, last = await st.next_chunk()
-            if data:
-                await resp.write(data)
-            if last:
-                break
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            if chat and chunks is not None:
+                await resp.write(chunks.role())
+            while True:
+                data, last = await st.next_chunk()
+                if data:
+                    await resp.write(data)
+                if last:
+                    break
+            await resp.write_eof()
+        except ConnectionError:  # an ordinary disconnect mid-stream: not a server error
+            self._disconnected(st)
         return resp
+
+    def _disconnected(self, st: RequestState) -> None:
+        self.coord.metrics.client_disconnects.inc()
+        log.debug("client disconnected from %s", st.request_id)

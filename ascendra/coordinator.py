@@ -258,7 +258,8 @@ class Coordinator:
                 self._step_log = open(config.step_log, "ab", buffering=0)
             except OSError as e:
                 raise StartupError(f"cannot open --step-log {config.step_log}: {e.strerror}") from e
-        self._tmpdir = tempfile.mkdtemp(prefix="ascendra-coord-")
+        _remove_stale_dirs()
+        self._tmpdir = tempfile.mkdtemp(prefix=f"ascendra-coord-{os.getpid()}-")
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises
@@ -272,6 +273,7 @@ class Coordinator:
         else:
             port = self._sock.bind_to_random_port("tcp://127.0.0.1")
             self.address = f"tcp://127.0.0.1:{port}"
+        self._bound: dict[bytes, int] = {}  # ZeroMQ identity -> the worker that registered with it
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ startup
@@ -329,10 +331,17 @@ class Coordinator:
                 if f.done() and not f.cancelled():
                     f.exception()
         self.accepting = True
+        self._close_listener()
         info = self.model_info
         assert info is not None
         log.info("all %d workers registered; model %s, max_model_len %d", len(self.workers), info.name,
                  info.max_model_len)
+
+    def _close_listener(self) -> None:
+        """Every worker is connected: remove the socket's path so nothing else can connect,
+        and so that even a SIGKILLed coordinator leaves nothing in the temp directory.
+        (Established connections do not need the path.)"""
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     async def _watch(self, w: WorkerHandle) -> None:
         assert w.proc is not None
@@ -378,27 +387,47 @@ class Coordinator:
                     batch.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result())
                 except zmq.Again:
                     break
+            bound = self._bound
+            dropped = self.metrics.worker_messages_dropped
             for frames in batch:
+                identity = frames[0].bytes
                 try:
                     msg = decode(frames[-1].buffer)
                 except msgspec.DecodeError as e:
-                    log.error("undecodable message from worker %r: %s", frames[0].bytes, e)
+                    dropped.inc(1, "undecodable")
+                    log.warning("dropped an undecodable message from identity %r: %s", identity[:32], e)
+                    continue
+                # Trust the socket, not the message: an identity is bound to one worker at its
+                # registration, and a message naming any other worker is dropped.
+                wid = bound.get(identity)
+                if wid is None and type(msg) is not m.Register:
+                    dropped.inc(1, "unknown_identity")
+                    log.warning("dropped %s from unregistered identity %r", type(msg).__name__, identity[:32])
+                    continue
+                if wid is not None and msg.worker_id != wid:
+                    dropped.inc(1, "wrong_worker")
+                    log.warning("dropped %s claiming worker %r from worker %d", type(msg).__name__, msg.worker_id, wid)
                     continue
                 try:
                     if type(msg) is m.StepOutput:
                         self._on_step(msg, now)
                     elif type(msg) is m.Register:
-                        self._on_register(msg)
+                        self._on_register(msg, identity)
                     elif type(msg) is m.WorkerFailed:
                         self._on_failed(msg)
                 except Exception:
                     log.exception("error handling %s", type(msg).__name__)
 
-    def _on_register(self, msg: m.Register) -> None:
-        if not 0 <= msg.worker_id < len(self.workers):
-            log.error("register from unknown worker id %d", msg.worker_id)
+    def _on_register(self, msg: m.Register, identity: bytes) -> None:
+        """Bind the sender's identity to the worker we spawned, once; refuse anything else."""
+        w = self.workers[msg.worker_id] if 0 <= msg.worker_id < len(self.workers) else None
+        if (w is None or w.register is not None or identity != w.identity or msg.pid != w.pid
+                or identity in self._bound):
+            self.metrics.worker_messages_dropped.inc(1, "unknown_identity" if w is None else "wrong_worker")
+            log.warning("dropped a registration for worker %r (pid %r) from identity %r", msg.worker_id, msg.pid,
+                        identity[:32])
             return
-        w = self.workers[msg.worker_id]
+        self._bound[identity] = w.worker_id
         w.register = msg
         w.alive = True
         self.policy.set_alive(w.worker_id, True)
@@ -429,7 +458,12 @@ class Coordinator:
             log.error("%s; failing %d in-flight request(s)", reason, len(w.requests))
         w.alive = False
         self.policy.set_alive(w.worker_id, False)
-        self.metrics.worker_up.set(0, str(w.worker_id), w.spec.role)
+        label = str(w.worker_id)
+        mt = self.metrics
+        mt.worker_up.set(0, label, w.spec.role)
+        # A dead worker holds nothing: its last step's gauges must not linger.
+        for gauge in (mt.kv_usage, mt.running, mt.waiting, mt.preempted):
+            gauge.set(0, label)
         err = APIError(reason, status=503, type="service_unavailable_error", code=503)
         for rid in list(w.requests):
             st = self.requests.pop(rid, None)
@@ -614,9 +648,11 @@ class Coordinator:
             self._record_end(st, "abort", now)
             st._finish("abort", text)
         else:
-            msg = out.error or "the worker could not serve this request"
+            # The worker's text may carry an exception repr: it goes to the log, not to the client.
+            log.warning("worker %d failed request %s: %s", st.instance_id, st.request_id, out.error)
             self._record_end(st, "error", now)
-            st._fail(APIError(msg, status=500, type="internal_server_error", code=500))
+            st._fail(APIError(f"The worker failed while serving request {st.request_id}; the server log has the "
+                              "details.", status=500, type="internal_server_error", code=500))
 
     def _release(self, st: RequestState) -> None:
         """Forget a request on the worker side (it holds no blocks any more)."""
@@ -739,24 +775,13 @@ class Coordinator:
         return all(w.alive for w in self.workers)
 
     def health(self) -> dict[str, Any]:
+        """What a client or load balancer needs; pids and failure texts stay in the log and /metrics."""
         return {
             "status": "ok" if self.healthy else "degraded",
-            "policy": self.config.policy,
-            "model": self.config.model_name,
             "requests_inflight": len(self.requests),
             "requests_waiting": self.num_unstarted,
             "workers": [
-                {
-                    "id": w.worker_id,
-                    "pid": w.pid,
-                    "alive": w.alive,
-                    "role": w.spec.role,
-                    "policy": w.spec.policy,
-                    "device": w.device,
-                    "exit_code": w.exit_code,
-                    "failure": w.failure,
-                    "num_requests": len(w.requests),
-                }
+                {"id": w.worker_id, "role": w.spec.role, "alive": w.alive, "num_requests": len(w.requests)}
                 for w in self.workers
             ],
         }
@@ -820,6 +845,20 @@ class Coordinator:
 
 
 _STEP_LOG_ENCODER = msgspec.json.Encoder()
+
+
+def _remove_stale_dirs() -> None:
+    """Remove socket directories of coordinators that died during startup (SIGKILL)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "ascendra-coord-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

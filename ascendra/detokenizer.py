@@ -159,14 +159,21 @@ class StopChecker:
     """Finds stop strings in streamed text, including matches split across tokens.
 
     Text that could still become the start of a stop string is held back, so the
-    client never sees a partial stop string.
+    client never sees a partial stop string. Per token the cost is one ``find`` per stop
+    string over the held text plus the new text, and a set lookup per held-back
+    candidate: it grows with the longest stop string, not with the product of their
+    number and length (the API bounds both).
     """
 
-    __slots__ = ("_stops", "_held")
+    __slots__ = ("_stops", "_held", "_prefixes", "_firsts", "_longest")
 
     def __init__(self, stops: list[str]) -> None:
-        self._stops = stops
+        self._stops = list(dict.fromkeys(s for s in stops if s))
         self._held = ""
+        # Every proper prefix of every stop string: what the end of the text may be holding.
+        self._prefixes = {s[:k] for s in self._stops for k in range(1, len(s))}
+        self._firsts = {s[0] for s in self._stops}
+        self._longest = max((len(s) for s in self._stops), default=0)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, matched). On a match the text ends before the stop."""
@@ -182,12 +189,12 @@ class StopChecker:
             self._held = ""
             return buf[:best], True
         keep = 0
-        for s in self._stops:
-            # Longest proper prefix of s that the buffer ends with.
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
+        prefixes, firsts, n = self._prefixes, self._firsts, len(buf)
+        # Longest suffix of the buffer that is a proper prefix of some stop string.
+        for k in range(min(self._longest - 1, n), 0, -1):
+            if buf[n - k] in firsts and buf[n - k:] in prefixes:
+                keep = k
+                break
         if keep:
             self._held = buf[-keep:]
             return buf[:-keep], False

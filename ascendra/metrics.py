@@ -149,7 +149,14 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "request_rejected_total", "Requests refused before admission.", ("reason",),
-            initial=[("queue_full",), ("no_worker",), ("invalid",)],
+            initial=[("queue_full",), ("no_worker",), ("invalid",), ("unauthorized",)],
+        )
+        self.client_disconnects = Counter(
+            "client_disconnects_total", "Requests whose client closed the connection before the last event.")
+        self.worker_messages_dropped = Counter(
+            "worker_messages_dropped_total",
+            "Messages on the worker socket dropped: from an identity not bound to a worker, or claiming another.",
+            ("reason",), initial=[("unknown_identity",), ("wrong_worker",), ("undecodable",)],
         )
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of admitted requests.")
         self.generation_tokens = Counter("generation_tokens_total", "Generated tokens.")
@@ -188,7 +195,7 @@ class ServerMetrics:
             self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.kv_usage,
             self.preempted, self.worker_up, self.inflight, self.unstarted, self.escalations,
             self.escalations_failed, self.migrated_blocks, self.migrated_bytes, self.migration_downtime,
-            self.step_time_error, self.process_cpu,
+            self.step_time_error, self.process_cpu, self.client_disconnects, self.worker_messages_dropped,
         ]
 
     def render(self) -> str:

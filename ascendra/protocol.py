@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 # ---------------------------------------------------------------- errors
 
@@ -69,40 +70,82 @@ def _field_from_error(message: str) -> str | None:
 # ---------------------------------------------------------------- request schemas
 
 
+# Bounds every field carries, so that nothing a client sends can overflow the worker
+# message (msgpack integers are 64-bit) or the sampler (see TEMPERATURE_FLOOR).
+INT32_MAX = 2**31 - 1
+Count = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]  # checked against the vocabulary later
+# A 64-bit signed integer: what msgpack carries and torch.Generator.manual_seed takes.
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+# Below this a temperature divides logits into inf/NaN (fp16/bf16 overflow): 0 (greedy) or
+# at least this. vLLM clamps to the same 1e-2; we refuse instead of silently changing it.
+TEMPERATURE_FLOOR = 0.01
+Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
+SloMs = Annotated[float, Meta(gt=0.0, le=3.6e9)]  # at most 1000 hours
+# Stop strings are matched on the coordinator's event loop for every token of the
+# request, so their number and length are bounded (OpenAI allows 4).
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+StopString = Annotated[str, Meta(max_length=MAX_STOP_CHARS)]
+Name = Annotated[str, Meta(max_length=256)]
+
+
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
 class GenerationRequest(msgspec.Struct, kw_only=True):
-    """Sampling and extension fields shared by both endpoints."""
+    """Sampling and extension fields shared by both endpoints.
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
+    Fields other servers accept but this one does not implement are declared too, so
+    that a non-default value is refused by name instead of silently ignored
+    (see ``unsupported_fields``).
+    """
+
+    model: Name | None = None
+    max_tokens: Annotated[int, Meta(ge=-INT32_MAX, le=INT32_MAX)] | None = None
+    temperature: Temperature | None = None
     top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    best_of: int | None = None
+    n: Count = 1
+    best_of: Count | None = None
     logprobs: Any = None
     echo: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None
+    user: Name | None = None
     # vLLM-style extensions
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Count = 0
     # Ascendra extensions: per-request SLOs in milliseconds
-    ttft_slo_ms: float | None = None
-    tbt_slo_ms: float | None = None
+    ttft_slo_ms: SloMs | None = None
+    tbt_slo_ms: SloMs | None = None
+    # Accepted by OpenAI or vLLM, not implemented here: refused unless left at the default.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    use_beam_search: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
 
 
 class CompletionRequest(GenerationRequest, kw_only=True):
     prompt: str | list[int | str | list[int]]
+    suffix: str | None = None
 
 
 class TextPart(msgspec.Struct):
@@ -111,24 +154,82 @@ class TextPart(msgspec.Struct):
 
 
 class ChatMessage(msgspec.Struct):
-    role: str
+    role: Name
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Name | None = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
 
 
 class ChatCompletionRequest(GenerationRequest, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=-INT32_MAX, le=INT32_MAX)] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: Any = None
     top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    documents: Any = None
+    modalities: Any = None
+    audio: Any = None
+
+
+# Field -> values that mean "not used". Anything else is refused with a 400 naming the
+# field, because ignoring it would give a silently wrong answer.
+_UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "use_beam_search": (False,),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "prompt_logprobs": (None, 0),
+    "truncate_prompt_tokens": (None,),
+    "suffix": (None, ""),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),  # harmless without tools, which are refused
+    "documents": (None, []),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "continue_final_message": (False,),
+}
+
+
+def unsupported_fields(req: msgspec.Struct) -> None:
+    """Refuse a field this server accepts in the schema but does not implement."""
+    for name, defaults in _UNSUPPORTED_DEFAULTS.items():
+        if not hasattr(req, name):
+            continue
+        if getattr(req, name) not in defaults:
+            raise APIError(f"{name} is not supported by this server; leave it unset.", param=name)
 
 
 def decode_request(body: bytes, cls: type) -> Any:
     """Decode and type-check a request body; raises APIError naming the field."""
     try:
         return msgspec.json.decode(body, type=cls)
+    except UnicodeDecodeError:
+        raise APIError("Request body is not valid UTF-8.", param=None) from None
+    except RecursionError:
+        raise APIError("Request body is nested too deeply.", param=None) from None
     except msgspec.ValidationError as e:
         msg = str(e)
         param = _field_from_error(msg)
@@ -152,8 +253,9 @@ def validate_common(req: GenerationRequest) -> None:
         raise APIError("echo is not supported.", param="echo")
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise APIError(f"max_tokens must be at least 1, got {req.max_tokens}.", param="max_tokens")
-    if req.temperature is not None and req.temperature < 0:
-        raise APIError(f"temperature must be non-negative, got {req.temperature}.", param="temperature")
+    if req.temperature is not None and 0 < req.temperature < TEMPERATURE_FLOOR:
+        raise APIError(f"temperature must be 0 (greedy) or at least {TEMPERATURE_FLOOR}, got {req.temperature}.",
+                       param="temperature")
     if req.top_p is not None and not (0.0 < req.top_p <= 1.0):
         raise APIError(f"top_p must be in (0, 1], got {req.top_p}.", param="top_p")
     if req.top_k is not None and req.top_k < -1:
@@ -168,10 +270,7 @@ def validate_common(req: GenerationRequest) -> None:
     stops = stop_list(req.stop)
     if any(s == "" for s in stops):
         raise APIError("stop strings must not be empty.", param="stop")
-    for name in ("ttft_slo_ms", "tbt_slo_ms"):
-        v = getattr(req, name)
-        if v is not None and v <= 0:
-            raise APIError(f"{name} must be positive, got {v}.", param=name)
+    unsupported_fields(req)
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -204,6 +303,8 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         raise APIError("messages must not be empty.", param="messages")
     out = []
     for m in req.messages:
+        if m.tool_calls or m.tool_call_id is not None:
+            raise APIError("Tool calls in messages are not supported.", param="messages")
         c = m.content
         if c is None:
             text = ""

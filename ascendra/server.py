@@ -81,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for every worker to register")
     p.add_argument("--step-log", default=None, metavar="PATH",
                    help="append one JSON line per worker step (batch shape, step time, clocks) to PATH")
+    p.add_argument("--max-request-bytes", type=int, default=0,
+                   help="largest request body in bytes, 413 beyond (default 0: 64 KiB + 32 x max_model_len)")
+    p.add_argument("--max-prompt-chars", type=int, default=0,
+                   help="most characters of prompt or chat messages, checked before tokenising "
+                        "(default 0: 16 x max_model_len)")
+    p.add_argument("--request-header-timeout", type=float, default=30.0,
+                   help="seconds a connection may take to send a request's headers, or sit idle between "
+                        "requests, before it is closed")
+    p.add_argument("--request-body-timeout", type=float, default=60.0,
+                   help="seconds to receive a request body once its headers are in (408 beyond)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health and /metrics "
+                        "stay open. Default: the ASCENDRA_API_KEY environment variable, if set")
+    p.add_argument("--allow-request-chat-template", action="store_true",
+                   help="let requests supply their own Jinja chat template (chat_template, "
+                        "chat_template_kwargs.chat_template); off by default, as a template can run unbounded")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity")
     return p
@@ -110,7 +126,7 @@ def load_tokenizer(path: str):
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from ascendra.api import API
+    from ascendra.api import API, APILimits
     from ascendra.coordinator import Coordinator, CoordinatorConfig, StartupError
     from ascendra.models import ModelNotFound, resolve_model
 
@@ -171,8 +187,18 @@ async def serve(args: argparse.Namespace) -> int:
         names = [config.model_name, resolved.name, resolved.path]
         if args.model:
             names.append(args.model)
-        api = API(coord, list(dict.fromkeys(names)))
-        runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        limits = APILimits(
+            max_request_bytes=args.max_request_bytes,
+            max_prompt_chars=args.max_prompt_chars,
+            body_timeout=args.request_body_timeout,
+            api_key=args.api_key or os.environ.get("ASCENDRA_API_KEY") or None,
+            allow_request_chat_template=args.allow_request_chat_template,
+        )
+        api = API(coord, list(dict.fromkeys(names)), limits)
+        # keepalive_timeout also bounds how long a new connection may take to send its first
+        # request's headers (aiohttp arms it at connection_made): no slowloris holds a socket.
+        runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+                               keepalive_timeout=args.request_header_timeout)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
         await site.start()

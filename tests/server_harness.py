@@ -75,7 +75,8 @@ class ServerProcess:
         return self.request("GET", "/metrics")[2].decode()
 
     def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in self.health()[1]["workers"]]
+        """The workers' pids in instance order, from /proc (/health does not expose them)."""
+        return worker_pids(self.proc.pid)
 
     # ---- lifecycle
 
@@ -89,6 +90,21 @@ class ServerProcess:
                 self.proc.wait()
         self._reader.join(5)
         return self.proc.returncode
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    found: dict[int, int] = {}
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        if "workers" in argv and "--worker-id" in argv:
+            found[int(argv[argv.index("--worker-id") + 1])] = pid
+    return [found[i] for i in sorted(found)]
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -96,6 +96,9 @@ async def test_worker_death_fails_its_requests_and_others_continue(two_workers):
     m = parse_metrics(srv.metrics())
     assert m['ascendra:worker_up{instance="0",role="mixed"}'] == 0
     assert m['ascendra:worker_up{instance="1",role="mixed"}'] == 1
+    # The dead worker's last step showed its KV in use; a dead worker holds nothing.
+    assert m['ascendra:kv_cache_usage_perc{instance="0"}'] == 0
+    assert m['ascendra:num_requests_running{instance="0"}'] == 0
     assert m['ascendra:request_success_total{finished_reason="error"}'] >= 3
     assert wait_until(lambda: not _segments_of(pids[:1]), timeout=30), _segments_of(pids[:1])
 
