@@ -29,8 +29,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import promtext
-from bench.compare import ServerProcess, free_port, http_get
+from . import promtext
+from .server_process import ServerProcess, free_port, http_get
 
 # Each bad request and the status it must get.
 BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int]] = [

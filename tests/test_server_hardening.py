@@ -25,6 +25,8 @@ from ascendra import messages as m
 from tests.helpers import pid_alive, wait_until
 from tests.server_harness import ServerProcess, parse_metrics, sse_events
 
+pytestmark = pytest.mark.e2e
+
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -315,7 +317,9 @@ async def test_huge_prompt_does_not_stall_other_streams(big_srv):
     huge = ("the quick brown fox jumps over the lazy dog " * 100_000)[:4_000_000]
     # Encoded once here: the test's own event loop must not stall on it either.
     huge_body = json.dumps({"prompt": huge, "max_tokens": 4}).encode()
-    _ok_plain = lambda: srv.post("/v1/completions", {"prompt": "warm", "max_tokens": 2})[0] == 200
+    def _ok_plain() -> bool:
+        return srv.post("/v1/completions", {"prompt": "warm", "max_tokens": 2})[0] == 200
+
     assert _ok_plain()
     rss_before = rss_bytes(srv.proc.pid)
     gaps: list[tuple[float, float]] = []
@@ -437,7 +441,9 @@ def test_killed_coordinator_leaves_no_socket_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # this server's temp files only
     s = ServerProcess("--model", "tiny", "--num-instances", "1", "--max-model-len", "512")
     pids = s.worker_pids()
-    ours = lambda: list(tmp_path.glob("ascendra-coord-*"))  # torch puts its own dirs there too
+    def ours() -> list:
+        return list(tmp_path.glob("ascendra-coord-*"))  # torch puts its own dirs there too
+
     try:
         # The socket's path is removed once every worker is connected.
         assert ours() == []
