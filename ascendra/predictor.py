@@ -44,6 +44,7 @@ class _Req:
     migrating: bool = False
     dst: int | None = None  # where an escalation in flight is taking it
     retry_after: float = -math.inf  # after a failed escalation, wait before trying again
+    hopeless: bool = False  # can no longer meet its objectives: never escalated
 
     @property
     def ttft_deadline(self) -> float:
@@ -85,6 +86,9 @@ class AscendraPolicy(Policy):
         self.state = {s.instance_id: _Instance(PerfModel()) for s in specs}
         self.reqs: dict[str, _Req] = {}
         self.on_instance: dict[int, dict[str, _Req]] = {s.instance_id: {} for s in specs}
+        # Requests judged unable to meet their objectives (TTFT passed without a first token, or
+        # first token after it): they are served best-effort and never escalated. A metric.
+        self.num_hopeless = 0
 
     # ------------------------------------------------------------------ setup and events
     def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int,
@@ -95,17 +99,41 @@ class AscendraPolicy(Policy):
         st.chunk_size, st.max_num_seqs, st.block_size = chunk_size, max_num_seqs, block_size
 
     def route(self, req: RouteRequest) -> int | None:
-        hp = None
+        """The least-loaded of the LP instances and the HP instances that hold a ticket.
+
+        An HP instance takes new work only while it holds the ticket (nothing escalated queued,
+        under half its seats used, blocks to spare, and a predicted first token inside the
+        request's TTFT objective), and then competes on load like any LP. So at low load traffic
+        spreads over every instance, and one instance's death takes only its share down with it;
+        under load the HP's ticket closes and it keeps its headroom for escalations.
+        """
+        candidates = [i for i in self.instances if i.role == "lp"]
         if self.force_after is None:
             deadline = req.arrival_time + (req.ttft_slo or math.inf)
             hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                started=False, new_request=True)
-        if hp is not None:
-            return hp
-        inst = least_loaded([i for i in self.instances if i.role == "lp"])
-        if inst is None:  # every LP instance is gone: HP instances still serve
+            if hp is not None:
+                candidates.append(self.instances[hp])
+        lp = least_loaded(candidates)
+        if lp is not None and lp.role == "lp" and self._hopeless_on(lp, req):
+            # Beyond what the objectives allow: no instance would serve it in time, so it is
+            # best-effort work for whichever instance has the least (HP included), as the
+            # baselines would share it; there it goes after every hopeful request.
+            candidates = [i for i in self.instances if i.alive]
+        inst = least_loaded(candidates)
+        if inst is None:  # every LP instance is gone and no HP has a ticket: HP instances still serve
             inst = least_loaded([i for i in self.instances if i.role == "hp"])
         return inst.instance_id if inst is not None else None
+
+    def _hopeless_on(self, inst, req: RouteRequest) -> bool:
+        """Whether an LP instance, serving its queued prompts first, would miss req's TTFT."""
+        if req.ttft_slo is None:
+            return False
+        st = self.state[inst.instance_id]
+        budget = st.prefill_budget()
+        step = st.perf.step_time(budget, st.decodes, st.decode_context)
+        queued = inst.unstarted_prompt_tokens + req.num_prompt_tokens
+        return req.arrival_time + math.ceil(queued / budget) * step > req.arrival_time + req.ttft_slo
 
     def on_dispatch(self, instance_id: int, req: RouteRequest) -> None:
         super().on_dispatch(instance_id, req)
@@ -238,7 +266,9 @@ class AscendraPolicy(Policy):
             if r.ttft_slo is None or now < r.retry_after:
                 continue
             # Predicted wait stretched by the model's recent error: a miss we can still avoid.
-            if now + (t_first - now) * margin > r.ttft_deadline and now < r.ttft_deadline:
+            if now >= r.ttft_deadline:
+                self._judge_hopeless(r)  # served best-effort on its LP, after every hopeful prompt
+            elif now + (t_first - now) * margin > r.ttft_deadline:
                 at_risk.append((r.ttft_deadline, r, "ttft"))
         if self.escalate_started:
             step = self.lp_step_time(instance_id)
@@ -251,6 +281,9 @@ class AscendraPolicy(Policy):
             for r in self.on_instance[instance_id].values():
                 slo, first, n_out = r.tbt_slo, r.first, r.n_out
                 if slo is None or first is None or n_out < 2 or r.migrating or now < r.retry_after:
+                    continue
+                if first > r.ttft_deadline:
+                    self._judge_hopeless(r)  # missed its TTFT already: moving it cannot save it
                     continue
                 behind = r.last - first > slo * (n_out - 1)
                 if not behind and decode_only <= slo:
@@ -269,7 +302,51 @@ class AscendraPolicy(Policy):
             r.migrating, r.dst = True, dst
             self.state[dst].incoming += 1
             out.append(Escalation(r.request_id, instance_id, dst, why))
+        out += self._spill_hopeless(instance_id, now)
         return out
+
+    def _spill_hopeless(self, instance_id: int, now: float) -> list[Escalation]:
+        """Move hopeless prompts still waiting on this LP to an HP instance that holds the ticket.
+
+        When the load is beyond what the objectives allow, the LP's queue fills with requests
+        that can no longer make their TTFT while the HP, kept for escalations nobody can be
+        saved by, would sit idle: the split would serve less than the baselines' all-mixed
+        instances. An HP with the ticket (nothing escalated queued, under half its seats used)
+        takes them as best-effort work; it serves them after every request that can still meet
+        its objectives, and their decodes never slow its steps down, so it keeps its headroom.
+        """
+        hopeless = [r for r in self.on_instance[instance_id].values()
+                    if r.hopeless and r.first is None and not r.migrating and now >= r.retry_after]
+        if not hopeless:
+            return []
+        hopeless.sort(key=lambda r: r.arrival)  # the longest waiting first, as a FCFS baseline would
+        out = []
+        for r in hopeless:
+            dst = self._hp_with_ticket(r.prompt_tokens, r.max_tokens)
+            if dst is None:
+                break
+            r.migrating, r.dst = True, dst
+            self.state[dst].incoming += 1
+            out.append(Escalation(r.request_id, instance_id, dst, "spill"))
+        return out
+
+    def _hp_with_ticket(self, prompt: int, max_tokens: int) -> int | None:
+        for inst in self.instances:
+            if inst.role != "hp" or not inst.alive:
+                continue
+            st = self.state[inst.instance_id]
+            if st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2:
+                continue
+            need = blocks_for(prompt + max_tokens, st.block_size)
+            if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
+                continue
+            return inst.instance_id
+        return None
+
+    def _judge_hopeless(self, r: _Req) -> None:
+        if not r.hopeless:
+            r.hopeless = True
+            self.num_hopeless += 1
 
     def _best_hp(self, prompt: int, n_out: int, max_tokens: int, ttft_deadline: float, tbt_slo: float | None,
                  now: float, started: bool, new_request: bool = False) -> int | None:

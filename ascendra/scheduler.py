@@ -12,9 +12,12 @@ Policies (../shared/DESIGN.md, "Scheduling policies"):
   slack (deadline - now - predicted prefill time); requests already past hope go last.
   A request that does not fit is skipped, not waited on. The prefill budget keeps every
   decode on pace for its mean TBT, letting decodes ahead of pace spend their banked slack.
-- ``hp`` (Ascendra high priority): decodes first, then prefills earliest-deadline-first,
-  with the prefill budget trimmed so the step stays inside the tightest TBT objective.
-  On both, a decode behind pace (that can still recover) gets decode-only steps.
+- ``hp`` (Ascendra high priority): the same rules; its waiting requests are mostly escalated
+  ones, so least slack first is earliest deadline first.
+  On both, a decode behind pace (that can still recover) gets decode-only steps, and a
+  request judged hopeless (TTFT missed, or a mean TBT no step plan can save) never holds
+  anyone back: it is served best-effort, so past what the objectives allow the instance runs
+  at full throughput like Sarathi instead of pacing for objectives nothing can meet.
 
 Preemption is by recompute: when a decode needs a block and none is free, the running
 request of lowest priority loses its blocks and returns to the waiting queue.
@@ -106,6 +109,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Requests judged unable to meet their objectives (served best-effort from then on).
+        self.num_hopeless = 0
 
     # ---- queue changes
     def add(self, seq: Sequence) -> None:
@@ -193,10 +198,8 @@ class Scheduler:
 
         if policy == "sarathi":
             candidates = list(self.waiting)  # FCFS: arrival order, no skipping
-        elif policy == "lp":
+        else:  # least slack first (earliest deadline, net of the prefill), the hopeless last
             candidates = sorted(self.waiting, key=lambda s: self._slack_key(s, now))
-        else:
-            candidates = sorted(self.waiting, key=self._deadline_key)
         for seq in candidates:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -254,35 +257,38 @@ class Scheduler:
         return scheduled
 
     def _latency_budget(self, out: SchedulerOutput, now: float) -> int:
-        """Largest prefill token count whose predicted step time keeps every decode on pace.
+        """Largest prefill token count whose predicted step time keeps every hopeful decode on pace.
 
         A decode's next token is due at first + tbt_slo * tokens so far (that keeps its mean
-        TBT inside the objective). HP steps never exceed the objective; the LP also lets a decode
-        spend the slack it has banked, so it runs longer, cheaper steps while decodes are ahead.
-        A decode behind pace shortens the step until it catches up, unless it cannot catch up
-        even with decode-only steps to its last token: then it no longer constrains anyone.
+        TBT inside the objective); a decode ahead of pace may spend the slack it banked, so the
+        step runs longer and cheaper. A decode behind pace shortens the step until it catches up.
+        Only decodes that can still meet both objectives hold prefills back: one whose first
+        token came after its TTFT objective has missed already, and one that could not catch up
+        even with decode-only steps to its last token cannot be saved. Those are hopeless: they
+        keep decoding best-effort in every step but no longer slow anyone down, so when the
+        hardware cannot meet the objectives the instance runs at full throughput.
         """
         if self.step_time is None:
             return self.config.chunk_size
         decodes = len(out.scheduled)
         decode_only = self.step_time(0, decodes)
-        bank = self.config.policy == "lp"
         limit = math.inf
         for s in out.scheduled:
             seq = s.seq
             slo, first = seq.tbt_slo, seq.first_token_time
-            if slo is None or first is None:  # no objective, or a prefill chunk: nothing to pace
+            if slo is None or first is None or seq.hopeless:  # nothing to pace
+                continue
+            if seq.ttft_slo is not None and first > seq.arrival_time + seq.ttft_slo:
+                self._judge_hopeless(seq)  # missed its TTFT: its TBT no longer decides anything
                 continue
             n_out = len(seq.token_ids) - seq.num_prompt_tokens
             allowed = first + slo * n_out - now  # seq.next_token_deadline - now, inlined
-            if allowed >= slo:
-                if not bank:
-                    allowed = slo
-            else:
+            if allowed < slo:
                 max_tokens = seq.sampling.max_tokens
                 final = first + slo * max(max_tokens - 1, 1)
                 if now + (max_tokens - n_out) * decode_only > final:
-                    continue  # hopeless: holding prefills back would not save it
+                    self._judge_hopeless(seq)  # holding prefills back would not save it
+                    continue
             if allowed < limit:
                 limit = allowed
         if math.isinf(limit):
@@ -295,6 +301,10 @@ class Scheduler:
             else:
                 hi = mid - 1
         return lo
+
+    def _judge_hopeless(self, seq: Sequence) -> None:
+        seq.hopeless = True
+        self.num_hopeless += 1
 
     # ---- helpers
     def _start(self, seq: Sequence) -> None:

@@ -238,21 +238,23 @@ def test_dispatch_latency_delays_first_tokens():
 def test_predictor_escalates_a_tight_request_off_a_slow_lp_and_it_meets_its_ttft(ttft_slo, escalated):
     """The issue's deterministic scenario, on the real scheduler and policy: 60 decodes leave the LP
     4 prompt tokens a step (~1.1 s for a 100-token prompt); the HP, closed to new work by its 32
-    running requests, can prefill it in ~0.25 s. A tight request is escalated and meets its TTFT;
-    a loose one stays."""
+    running requests, can prefill it in ~0.25 s. A tight request lands on the HP (routed there,
+    as the LP is predicted to miss it, or escalated) and meets its TTFT; a loose one stays."""
     model = PerfModel.from_list([0.010, 0.001, 0.0, 0.0005, 0.0])
     cfg = SimConfig(policy="ascendra", num_instances=2, num_hp=1, num_blocks=4096, block_size=16,
                     max_num_seqs=64, chunk_size=64, max_model_len=4096, ttft_slo=1000.0, tbt_slo=1.0,
                     check_invariants=True)
-    bulk = [RequestSpec(i, 0.0, 16, 400) for i in range(32)]  # HP (its ticket is open at first)
-    bulk += [RequestSpec(32 + i, 0.5, 16, 400) for i in range(60)]  # LP: the HP has no ticket now
+    # Spread over LP and HP while the HP holds its ticket (32 each), then the LP only: 60 there.
+    bulk = [RequestSpec(i, 0.0, 16, 400) for i in range(64)]
+    bulk += [RequestSpec(64 + i, 0.5, 16, 400) for i in range(28)]
     urgent = RequestSpec(999, 2.0, 100, 5, ttft_slo_s=ttft_slo)
     sim = Simulator(cfg, model, model, costs.MigrationCost(32 * 1024, 16, 25e9, 1e-3))
     res = sim.run(bulk + [urgent])
     seq = next(s for s in res.requests if s.index == 999)
     assert_clean_end(sim, res)
     assert sim.instances[seq.instance].spec.role == ("hp" if escalated else "lp")
-    assert (res.migrations.moved_waiting + res.migrations.moved_kv == 1) == escalated  # mid-prefill: with KV
+    # The tight one is either routed to the HP (the LP is predicted to miss it) or escalated there.
+    assert res.migrations.moved_waiting + res.migrations.moved_kv == (seq.num_migrations if escalated else 0)
     ttft = seq.first_token_time - seq.arrival_time
     if escalated:
         assert ttft <= ttft_slo

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Step time of SmolLM2-135M on this project's 2-core CPU, as PerfModel coefficients (constant,
+# per prefill token, per attention pair, per decode, per decode context token): a 16-decode step
+# with 300-token contexts ~0.14 s, a 512-token prefill ~0.65 s (../shared/DESIGN.md's figures).
+CPU_SMOLLM2_COEF = (0.03, 1.15e-3, 1e-7, 6e-3, 2e-6)
+
+
 @dataclass(frozen=True)
 class WorkloadDef:
     name: str
@@ -44,5 +50,17 @@ SCENARIOS = {
             # Azure LLM 2023 conversation trace lengths.
             WorkloadDef("azure-conv", "trace", ttft_slo=0.5, tbt_slo=0.1, start_rate=4.0),
         ),
+    ),
+    # Issue 14's first case: objectives out of reach. SmolLM2 on a 2-core CPU (a 16-decode step
+    # ~0.14 s, 512 prefill tokens ~0.65 s) cannot hold TTFT 1 s / TBT 0.15 s much past 1 req/s;
+    # beyond that Ascendra must degrade to the baselines' throughput, not pace for lost causes.
+    "cpu-smollm2-out-of-reach": Scenario(
+        name="cpu-smollm2-out-of-reach",
+        description=("Objectives out of reach: 2 CPU instances of SmolLM2-135M (step-time model "
+                     f"coef {list(CPU_SMOLLM2_COEF)}), 256-token prompts, 64-token outputs, "
+                     "TTFT 1.0 s / TBT 0.15 s; Ascendra 1 LP + 1 HP"),
+        workloads=(WorkloadDef("fixed-256-64", "fixed", ttft_slo=1.0, tbt_slo=0.15, start_rate=0.5),),
+        cost="coef:[" + ",".join(f"{c:g}" for c in CPU_SMOLLM2_COEF) + "]",
+        num_instances=2, num_hp=1, num_requests=200, max_model_len=2048, link="pcie4",
     ),
 }
