@@ -3,9 +3,11 @@
 Pure code (no I/O, no clock reads, no torch): the server and the simulator drive it with
 the times they measured or simulated.
 
-- Routing: new requests go to the least-loaded LP instance, or straight to an HP instance
-  while it holds a "ticket" (no escalated work queued, under half its seats used, over 10%
-  of its blocks free, and a predicted first token inside the request's TTFT objective).
+- Routing: new requests go to the least-loaded of the LP instances and the HP instances
+  that hold a "ticket" (no escalated work queued, under half their seats used, over 10% of
+  their blocks free, and a predicted first token inside the request's TTFT objective). At low
+  load traffic spreads over every instance, so one instance's death takes down only its share.
+  A request no LP can serve in time goes to the least-loaded instance of all, as best-effort.
 - Prediction, after every LP step: the LP serves waiting prompts least-slack-first at its
   prefill budget (chunk_size - decodes, or less: what it measured prefilling per step while
   prompts waited, since its scheduler trims the budget to keep decodes on pace), so a
@@ -17,6 +19,10 @@ the times they measured or simulated.
   own recent p90 relative error, not a per-model constant. Started requests move with
   their KV (``escalate_started``; off reproduces the paper's code, which only moves
   requests that have not started).
+- The hopeless yield: a request whose TTFT passed without a first token, or whose first
+  token came too late, is never escalated (moving it saves nobody); hopeless prompts still
+  waiting on an LP spill to an HP holding the ticket, so when the objectives are out of reach
+  every instance works at full speed, as the baselines' would. ``num_hopeless`` counts them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ from dataclasses import dataclass
 from ascendra.block_manager import blocks_for
 from ascendra.perf_model import BatchShape, PerfModel
 from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
+
+# How much of the model's recent relative error pads every prediction (a quantile).
+ERROR_QUANTILE = 0.9
+# Weight of the newest step in the running average of prefill tokens per step.
+PREFILL_RATE_SMOOTHING = 0.2
+# The HP ticket: new work only while under this share of its seats is used ...
+TICKET_SEAT_SHARE = 0.5
+# ... and this share of its KV blocks stays free after the request's own.
+HP_FREE_BLOCK_RESERVE = 0.1
+# Blocks an escalated started request is assumed to need beyond its tokens so far.
+ESCALATION_GROWTH_TOKENS = 64
+# A decode this close to its last token is not worth moving for its TBT.
+MIN_TOKENS_LEFT_TO_ESCALATE = 4
 
 
 @dataclass
@@ -200,7 +219,8 @@ class AscendraPolicy(Policy):
             st.perf.observe(shape, getattr(step, "step_time", 0.0))
             n = shape.prefill_tokens
             if step.num_waiting > 0 and n > 0:  # prompts were left waiting: what the budget allowed
-                st.prefill_per_step = n if st.prefill_per_step is None else 0.8 * st.prefill_per_step + 0.2 * n
+                a = PREFILL_RATE_SMOOTHING
+                st.prefill_per_step = n if st.prefill_per_step is None else (1 - a) * st.prefill_per_step + a * n
         elif step.num_running == 0:
             st.decodes, st.decode_context = 0, 0
         if self.instances[instance_id].role != "lp":
@@ -257,7 +277,7 @@ class AscendraPolicy(Policy):
         if self.force_after is not None:
             return self._forced(instance_id, now)
         st = self.state[instance_id]
-        margin = 1.0 + st.perf.error_quantile(0.9)
+        margin = 1.0 + st.perf.error_quantile(ERROR_QUANTILE)
         at_risk: list[tuple[float, _Req, str]] = []
         for rid, t_first in self.predicted_first_token(instance_id, now).items():
             r = self.reqs[rid]
@@ -290,7 +310,7 @@ class AscendraPolicy(Policy):
                     continue  # on pace, and the LP can keep it there: never at risk (cheap exit)
                 future = decode_only if behind else max(decode_only, min(capped, slo))
                 projected = self.projected_mean_tbt(r, future)
-                if projected is not None and projected > slo and r.max_tokens - n_out >= 4:
+                if projected is not None and projected > slo and r.max_tokens - n_out >= MIN_TOKENS_LEFT_TO_ESCALATE:
                     at_risk.append((r.last + slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
@@ -335,10 +355,10 @@ class AscendraPolicy(Policy):
             if inst.role != "hp" or not inst.alive:
                 continue
             st = self.state[inst.instance_id]
-            if st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2:
+            if st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE:
                 continue
             need = blocks_for(prompt + max_tokens, st.block_size)
-            if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
+            if inst.total_blocks and inst.free_blocks - need < HP_FREE_BLOCK_RESERVE * inst.total_blocks:
                 continue
             return inst.instance_id
         return None
@@ -357,10 +377,10 @@ class AscendraPolicy(Policy):
             st = self.state[inst.instance_id]
             if st.incoming >= self.max_incoming:
                 continue
-            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2):
+            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE):
                 continue  # the ticket: new work only while HP has nothing escalated queued
-            need = blocks_for(min(prompt + max_tokens, prompt + n_out + 64), st.block_size)
-            if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
+            need = blocks_for(min(prompt + max_tokens, prompt + n_out + ESCALATION_GROWTH_TOKENS), st.block_size)
+            if inst.total_blocks and inst.free_blocks - need < HP_FREE_BLOCK_RESERVE * inst.total_blocks:
                 continue
             if inst.num_running >= st.max_num_seqs:
                 continue

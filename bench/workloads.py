@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -263,12 +263,6 @@ def build_workload(cfg: WorkloadConfig, trace: Sequence[TraceRow] | None = None)
     pairs = scale_lengths(pairs, cfg.prompt_scale, cfg.output_scale, cfg.max_prompt_len,
                           cfg.max_output_len)
     return [RequestSpec(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(times, pairs))]
-
-
-def with_rate(specs: Sequence[RequestSpec], rate: float) -> list[RequestSpec]:
-    """Same requests, send times rescaled to a new mean rate."""
-    times = rescale_times([s.arrival_s for s in specs], rate)
-    return [replace(s, arrival_s=t) for s, t in zip(specs, times)]
 
 
 # ------------------------------------------------------------------ prompts
