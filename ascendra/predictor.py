@@ -90,6 +90,11 @@ class _Instance:
         return max(1, min(full, int(self.prefill_per_step)))
 
 
+def _load(inst) -> int:
+    """Requests an instance holds: what it last reported, or what was routed there since."""
+    return max(inst.num_assigned, inst.num_running + inst.num_waiting)
+
+
 class AscendraPolicy(Policy):
     name = "ascendra"
 
@@ -314,11 +319,14 @@ class AscendraPolicy(Policy):
                     at_risk.append((r.last + slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
+        src = self.instances[instance_id]
         for _, r, why in at_risk:
             dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
                                 started=r.first is not None)
             if dst is None:
                 continue
+            if _load(self.instances[dst]) + self.state[dst].incoming >= _load(src):
+                continue  # the HP holds more work than this LP already: moving it there would not help
             r.migrating, r.dst = True, dst
             self.state[dst].incoming += 1
             out.append(Escalation(r.request_id, instance_id, dst, why))
@@ -341,9 +349,11 @@ class AscendraPolicy(Policy):
             return []
         hopeless.sort(key=lambda r: r.arrival)  # the longest waiting first, as a FCFS baseline would
         out = []
+        src = self.instances[instance_id]
         for r in hopeless:
             dst = self._hp_with_ticket(r.prompt_tokens, r.max_tokens)
-            if dst is None:
+            # Only towards the lighter side: spilling must even the load out, not tip it over.
+            if dst is None or _load(self.instances[dst]) + 1 >= _load(src):
                 break
             r.migrating, r.dst = True, dst
             self.state[dst].incoming += 1

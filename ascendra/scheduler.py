@@ -33,6 +33,8 @@ from ascendra.block_manager import BlockManager
 from ascendra.sequence import Sequence, SeqStatus
 
 POLICIES = ("vllm", "sarathi", "lp", "hp")
+# Weight of the newest step in the instance's typical (predicted) step time.
+STEP_AVG_WEIGHT = 0.1
 
 # Seconds for a prefill of n tokens, and for a whole step given (prefill tokens, decodes).
 PrefillTimeFn = Callable[[int], float]
@@ -111,6 +113,7 @@ class Scheduler:
         self.num_preemptions = 0
         # Requests judged unable to meet their objectives (served best-effort from then on).
         self.num_hopeless = 0
+        self.avg_step: float | None = None  # typical predicted step time (decode-first policies)
 
     # ---- queue changes
     def add(self, seq: Sequence) -> None:
@@ -151,7 +154,21 @@ class Scheduler:
             self._schedule_prefill_first(out)
         else:
             self._schedule_decode_first(out, now)
+            if self.step_time is not None and out.scheduled:
+                self._observe_step(out)
         return out
+
+    def _observe_step(self, out: SchedulerOutput) -> None:
+        """Keep the typical predicted step time of the batches this instance runs."""
+        decodes, prefill = 0, 0
+        for s in out.scheduled:
+            if s.num_tokens == 1 and s.seq.is_decoding:
+                decodes += 1
+            else:
+                prefill += s.num_tokens
+        t = self.step_time(prefill, decodes)
+        a = STEP_AVG_WEIGHT
+        self.avg_step = t if self.avg_step is None else (1 - a) * self.avg_step + a * t
 
     def commit(self, out: SchedulerOutput) -> None:
         """Record that the scheduled tokens' K/V are now in the pool."""
@@ -179,7 +196,7 @@ class Scheduler:
         policy = self.config.policy
         key = self._fcfs_key if policy == "sarathi" else self._deadline_key
         budget = self.config.chunk_size - self._schedule_decodes(out, key)
-        if policy in ("lp", "hp") and self.step_time is not None:
+        if policy in ("lp", "hp") and self.step_time is not None and not self._overloaded(now):
             budget = min(budget, self._latency_budget(out, now))
 
         # Ongoing prefills hold blocks already: finish them before starting others.
@@ -272,6 +289,7 @@ class Scheduler:
             return self.config.chunk_size
         decodes = len(out.scheduled)
         decode_only = self.step_time(0, decodes)
+        avg = self.avg_step
         limit = math.inf
         for s in out.scheduled:
             seq = s.seq
@@ -283,6 +301,11 @@ class Scheduler:
                 continue
             n_out = len(seq.token_ids) - seq.num_prompt_tokens
             allowed = first + slo * n_out - now  # seq.next_token_deadline - now, inlined
+            if avg is not None and avg < slo:
+                # While this instance's steps typically run under the objective, the tokens after
+                # this one will bank time again: what is left of the request's mean-TBT budget
+                # after them at the typical step is what this step may take, if that is more.
+                allowed = max(allowed, allowed + (seq.sampling.max_tokens - n_out - 1) * (slo - avg))
             if allowed < slo:
                 max_tokens = seq.sampling.max_tokens
                 final = first + slo * max(max_tokens - 1, 1)
@@ -301,6 +324,18 @@ class Scheduler:
             else:
                 hi = mid - 1
         return lo
+
+    def _overloaded(self, now: float) -> bool:
+        """A prompt waits past its TTFT deadline: this instance cannot keep up with its load.
+
+        Then no step is paced: the queue is already losing requests, and shortening steps for
+        the decodes would only lose more (each step pays the fixed per-step cost again), so the
+        instance runs at full throughput, as Sarathi would, until it catches up.
+        """
+        for seq in self.waiting:
+            if seq.ttft_deadline < now:
+                return True
+        return False
 
     def _judge_hopeless(self, seq: Sequence) -> None:
         seq.hopeless = True

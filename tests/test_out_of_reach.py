@@ -54,10 +54,10 @@ def test_ascendra_is_never_below_the_better_baseline(rate):
     best_att = max(s["attainment"] for s in base.values())
     assert ours["completed"] == len(specs)
     assert ours["attainment"] >= best_att
-    # Throughput within 10% of the better baseline (before the fix: 0.43x at saturation). The few
-    # requests that can still make their objectives are paced, which costs some short steps:
-    # measured 0.98x at 1 req/s, 0.945x at 3 req/s, 0.97x saturated. Not yet "never below".
-    assert ours["request_throughput_rps"] >= 0.9 * best_thr
+    # Throughput within 3% of the better baseline (before the fix: 0.43x saturated). Measured over
+    # 5 seeds: >= 0.999x at 1 req/s, >= 0.985x at 3 req/s, 0.98x saturated (the tail: the LP and
+    # the HP finish their last requests a little apart).
+    assert ours["request_throughput_rps"] >= 0.97 * best_thr
     if rate == float("inf"):
         # Everyone but the first few is judged hopeless, and the count says so.
         policy_hopeless = sim.policy.num_hopeless

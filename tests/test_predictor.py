@@ -93,7 +93,7 @@ def _decode_on_lp(first_token_ago: float, decodes: int, step_time: float) -> lis
     pol.on_dispatch(0, req)
     pol.on_tokens("d", 1, now - first_token_ago)
     pol.on_tokens("d", 9, now)
-    return pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=decodes,
+    return pol.on_step(0, step(0, now, running=decodes, num_seqs=decodes, num_decode_tokens=decodes,
                                decode_context_tokens=decodes * 50, step_time=step_time))
 
 
