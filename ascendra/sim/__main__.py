@@ -30,6 +30,7 @@ from bench.serve import add_slo_args, add_workload_args, format_table, workload_
 from bench.workloads import load_trace
 from ascendra.perf_model import PerfModel
 from ascendra.sim import costs
+from ascendra.sim.bound import throughput_bound
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
 from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary
@@ -136,7 +137,8 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         record_token_times=not a.no_token_times)
     wcfg = workload_config(a, None)
     if wl is not None:
-        wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals,
+        wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals, burstiness=wl.burstiness,
+                       slo_classes=wl.slo_classes, max_model_len=cfg.max_model_len,
                        num_requests=a.num_requests or (sc.num_requests if sc else None))
     elif wcfg.dataset == "fixed" and a.dataset is None:
         wcfg = replace(wcfg, dataset="sharegpt")
@@ -199,11 +201,24 @@ def run_tasks(tasks: list[tuple], jobs: int) -> list[tuple]:
         return pool.map(_search, tasks, chunksize=1)
 
 
+def add_bound(summary: dict, setup: Setup) -> None:
+    """The throughput bound (ascendra.sim.bound) for this workload, and each capacity's fraction."""
+    specs = setup.requests(1.0)
+    b = throughput_bound(setup.model.to_list(), specs, setup.sim.tbt_slo, setup.sim.max_num_seqs,
+                         setup.sim.num_instances)
+    if b is None:
+        return
+    summary["bound_rps"] = b.rate
+    summary["bound_binding"] = b.binding
+    summary["fraction_of_bound"] = {p: (c / b.rate if c else None) for p, c in summary["capacity_rps"].items()}
+
+
 def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dict[float, dict]],
                           threshold: float, extra: dict) -> dict:
     summary = sweep_summary(pts, setup, threshold, extra | {"workload": name})
     caps = summary["capacity_rps"]
     summary["ratio_vs_best_baseline"] = ratio(caps)
+    add_bound(summary, setup)
     if "ascendra-unstarted" in caps:
         summary["ablation"] = {"escalate_any_stage": caps.get("ascendra"),
                                "escalate_before_prefill_only": caps.get("ascendra-unstarted"),
@@ -221,8 +236,30 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
     return summary
 
 
+def scenario_table(workloads: dict[str, dict]) -> str:
+    """One row per workload: capacities, Ascendra / best baseline, bound, fractions, ablation."""
+    g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-unstarted")
+           if any(p in (w.get("capacity_rps") or {}) for w in workloads.values())]
+    head = ["workload"] + [f"{p} (req/s)" for p in pol] + ["ascendra / best baseline", "bound (req/s)"]
+    head += [f"{p} / bound" for p in pol]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, w in workloads.items():
+        caps, frac = w.get("capacity_rps") or {}, w.get("fraction_of_bound") or {}
+        row = [name] + [g(caps.get(p)) for p in pol]
+        r = w.get("ratio_vs_best_baseline")
+        row += ["n/a" if r is None else f"{r:.2f}x",
+                f"{g(w.get('bound_rps'))} ({w.get('bound_binding', '-')})"]
+        row += ["n/a" if frac.get(p) is None else f"{frac[p]:.0%}" for p in pol]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _extra_markdown(summary: dict) -> str:
     lines = [""]
+    if summary.get("bound_rps") is not None:
+        lines.append(f"Throughput bound: {summary['bound_rps']:.3g} req/s ({summary['bound_binding']} binds; "
+                     "model in ascendra/sim/bound.py)")
     if summary.get("ratio_vs_best_baseline") is not None:
         lines.append(f"Ascendra capacity / best baseline: {summary['ratio_vs_best_baseline']:.2f}x")
     ab = summary.get("ablation")
@@ -272,9 +309,12 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         else:
             summary = sweep_summary(pts[key], setup, a.threshold, {})
             summary["ratio_vs_best_baseline"] = ratio(summary["capacity_rps"])
+            add_bound(summary, setup)
         md.append(f"## {key}\n\n" + markdown(summary) + _extra_markdown(summary))
         report["workloads"][key] = {k: summary.get(k) for k in ("capacity_rps", "capacity", "ratio_vs_best_baseline",
-                                                                "ablation", "slo")}
+                                                                "ablation", "slo", "bound_rps", "bound_binding",
+                                                                "fraction_of_bound")}
+    md += ["## All workloads", "", scenario_table(report["workloads"])]
     first = report["workloads"][next(iter(setups))]
     report["capacity_rps"] = first["capacity_rps"]
     report["ratio_vs_best_baseline"] = first["ratio_vs_best_baseline"]
@@ -290,7 +330,8 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         _log(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {', '.join(str(out / k / 'attainment.png') for k in setups)}")
     last = {"capacity_rps": report["capacity_rps"], "ratio_vs_best_baseline": report["ratio_vs_best_baseline"]}
     if len(setups) > 1:
-        last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"]}
+        last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"],
+                                 "bound_rps": v.get("bound_rps"), "fraction_of_bound": v.get("fraction_of_bound")}
                              for k, v in report["workloads"].items()}
     if report.get("ablation"):
         last["ablation"] = {k: {"ascendra": v["ablation"]["escalate_any_stage"],

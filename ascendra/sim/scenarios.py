@@ -17,8 +17,11 @@ class WorkloadDef:
     dataset: str  # bench.workloads dataset: sharegpt | trace | fixed | uniform
     ttft_slo: float
     tbt_slo: float
-    arrivals: str = "poisson"
+    arrivals: str = "poisson"  # poisson (gamma with burstiness) | trace (the trace's timing, rescaled)
     start_rate: float = 8.0  # where the capacity search begins (req/s)
+    burstiness: float = 1.0  # gamma shape of the gaps: 1 = Poisson, 1 / CV^2 for bursts
+    # Per-request objectives (share, ttft_s, tbt_s) per class; empty: ttft_slo / tbt_slo for all.
+    slo_classes: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,19 @@ SCENARIOS = {
             WorkloadDef("sharegpt", "sharegpt", ttft_slo=1.0, tbt_slo=0.15, start_rate=8.0),
             # Azure LLM 2023 conversation trace lengths.
             WorkloadDef("azure-conv", "trace", ttft_slo=0.5, tbt_slo=0.1, start_rate=4.0),
+            # LongBench-like long documents (bench.workloads.longbench_lengths), up to 8,192 tokens.
+            WorkloadDef("longbench", "longbench", ttft_slo=2.5, tbt_slo=0.15, start_rate=1.0),
+            # Code completion: long prompts, a few output tokens (bench.workloads.code_lengths).
+            WorkloadDef("code", "code", ttft_slo=1.5, tbt_slo=0.3, start_rate=4.0),
+            # Mixed SLO classes on ShareGPT-like lengths: 30% interactive, 70% relaxed.
+            WorkloadDef("mixed-slo", "sharegpt", ttft_slo=0.25, tbt_slo=0.1, start_rate=8.0,
+                        slo_classes=((0.3, 0.25, 0.1), (0.7, 5.0, 0.25))),
+            # Bursts: ShareGPT-like lengths, gamma arrivals with CV 3.
+            WorkloadDef("sharegpt-burst-cv3", "sharegpt", ttft_slo=1.0, tbt_slo=0.15, start_rate=8.0,
+                        burstiness=1.0 / 9.0),
+            # The conversation trace's own arrival pattern (bursty), rescaled to each rate.
+            WorkloadDef("azure-conv-timing", "trace", ttft_slo=0.5, tbt_slo=0.1, start_rate=4.0,
+                        arrivals="trace"),
         ),
     ),
     # Issue 14's first case: objectives out of reach. SmolLM2 on a 2-core CPU (a 16-decode step

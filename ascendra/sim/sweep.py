@@ -66,7 +66,8 @@ def to_request_results(res: SimResult) -> list[metrics.RequestResult]:
             index=seq.index, prompt_len=seq.num_prompt_tokens, output_len=seq.max_tokens,
             scheduled_s=seq.arrival_time, send_s=seq.arrival_time, token_times_s=times,
             end_s=seq.last_token_time if seq.last_token_time is not None else seq.arrival_time,
-            n_out=n_out, prompt_tokens=seq.num_prompt_tokens, finish_reason=seq.finish_reason)
+            n_out=n_out, prompt_tokens=seq.num_prompt_tokens, finish_reason=seq.finish_reason,
+            ttft_slo_s=seq.ttft_slo, tbt_slo_s=seq.tbt_slo)  # each request against its own
         if seq.error is not None:
             r.error = f"error event: {seq.error}"
         elif n_out < seq.max_tokens:  # cut at max_model_len: the bench client counts it as failed
