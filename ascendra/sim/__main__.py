@@ -36,6 +36,7 @@ from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
 from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary
 
 DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
+ABLATIONS = ("ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default=None,
                    help=f"comma-separated: {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; "
                         "ascendra-unstarted = escalate only before prefill, the paper's code)")
-    s.add_argument("--ablation", action="store_true", help="add ascendra-unstarted to the policies")
+    s.add_argument("--ablation", action="store_true",
+                   help="add the escalation ablations: ascendra-unstarted (only before prefill, the paper's code), "
+                        "ascendra-no-decode, ascendra-no-prefill (leave out escalating decodes / requests mid-prefill)")
     s.add_argument("--num-instances", type=int, default=None, help="default 3")
     s.add_argument("--num-hp", type=int, default=None, help="ascendra HP instances (default a third)")
     s.add_argument("--cost", default=None,
@@ -162,8 +165,8 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
 
 def variants_from(a: argparse.Namespace, sc: Scenario | None) -> list[str]:
     names = [v.strip() for v in (a.policy or (",".join(sc.variants) if sc else DEFAULT_VARIANTS)).split(",") if v.strip()]
-    if a.ablation and "ascendra-unstarted" not in names:
-        names.append("ascendra-unstarted")
+    if a.ablation:
+        names += [v for v in ABLATIONS if v not in names]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise SystemExit(f"error: unknown policy {bad[0]!r}; choose from {', '.join(VARIANTS)}")
@@ -224,6 +227,9 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
                                "escalate_before_prefill_only": caps.get("ascendra-unstarted"),
                                "ratio_any_stage_vs_before_prefill":
                                    ratio(caps, "ascendra", ("ascendra-unstarted",))}
+    for v in ABLATIONS[1:]:
+        if v in caps:
+            summary.setdefault("ablation", {})[v] = caps.get(v)
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     for p, by_rate in pts.items():
@@ -239,7 +245,7 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
 def scenario_table(workloads: dict[str, dict]) -> str:
     """One row per workload: capacities, Ascendra / best baseline, bound, fractions, ablation."""
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-unstarted")
+    pol = [p for p in ("vllm", "sarathi", "ascendra") + ABLATIONS
            if any(p in (w.get("capacity_rps") or {}) for w in workloads.values())]
     head = ["workload"] + [f"{p} (req/s)" for p in pol] + ["ascendra / best baseline", "bound (req/s)"]
     head += [f"{p} / bound" for p in pol]
@@ -265,8 +271,9 @@ def _extra_markdown(summary: dict) -> str:
     ab = summary.get("ablation")
     if ab:
         g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-        lines.append(f"Ablation: escalation at every stage {g(ab['escalate_any_stage'])} req/s vs only before "
-                     f"prefill {g(ab['escalate_before_prefill_only'])} req/s")
+        lines.append(f"Ablation: escalation at every stage {g(ab.get('escalate_any_stage'))} req/s vs only before "
+                     f"prefill {g(ab.get('escalate_before_prefill_only'))} req/s; without escalating decodes "
+                     f"{g(ab.get('ascendra-no-decode'))}, without mid-prefill {g(ab.get('ascendra-no-prefill'))}")
     rows = [pt for pt in summary["points"] if pt["policy"].startswith("ascendra")]
     if rows:
         lines += ["", "| policy | rate | escalations | moved unstarted | moved with KV | failed | frozen (s) |",
@@ -334,8 +341,8 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
                                  "bound_rps": v.get("bound_rps"), "fraction_of_bound": v.get("fraction_of_bound")}
                              for k, v in report["workloads"].items()}
     if report.get("ablation"):
-        last["ablation"] = {k: {"ascendra": v["ablation"]["escalate_any_stage"],
-                                "ascendra-unstarted": v["ablation"]["escalate_before_prefill_only"]}
+        last["ablation"] = {k: {"ascendra": v["capacity_rps"].get("ascendra"),
+                                **{a: v["capacity_rps"].get(a) for a in ABLATIONS if a in v["capacity_rps"]}}
                             for k, v in report["workloads"].items() if v.get("ablation")}
     print(json.dumps(last))
     return 0

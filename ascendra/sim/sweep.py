@@ -28,6 +28,7 @@ class Variant:
     name: str
     policy: str
     escalate_started: bool = True
+    escalate_stages: tuple[str, ...] = ("waiting", "prefill", "decode")
 
 
 VARIANTS = {
@@ -36,6 +37,9 @@ VARIANTS = {
     "ascendra": Variant("ascendra", "ascendra"),
     # The paper's released code: escalate only requests that were never scheduled.
     "ascendra-unstarted": Variant("ascendra-unstarted", "ascendra", escalate_started=False),
+    # Per-stage ablation: leave out escalations of decoding requests, or of those mid-prefill.
+    "ascendra-no-decode": Variant("ascendra-no-decode", "ascendra", escalate_stages=("waiting", "prefill")),
+    "ascendra-no-prefill": Variant("ascendra-no-prefill", "ascendra", escalate_stages=("waiting", "decode")),
 }
 
 
@@ -82,7 +86,8 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
              with_requests: bool = False) -> dict:
     """One point: {"summary": bench summary, "error": None, "sim": simulator details}; with_requests
     adds bench.serve's per-request rows."""
-    cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started)
+    cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started,
+                  escalate_stages=variant.escalate_stages)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
     sim = Simulator(cfg, setup.cost, setup.model, setup.migration)
@@ -99,6 +104,9 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
         "sim": {
             "wall_s": wall, "events": res.num_events, "simulated_s": res.end_time,
             "migrations": res.migrations.as_dict(), "escalations": dict(sim.escalations_by_reason),
+            "escalations_by_stage": dict(sim.escalations_by_stage),
+            "hopeless": {"policy": getattr(sim.policy, "num_hopeless", 0),
+                         "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
         },
     }
