@@ -126,7 +126,7 @@ class EscalateOnce(RoundRobinPolicy):
 
     def on_step(self, iid, step):
         super().on_step(iid, step)
-        if not self.sent and self.tokens.get(self.rid, 0) >= self.after and self.where[self.rid] == iid:
+        if not self.sent and self.tokens.get(self.rid, 0) >= self.after and self.where.get(self.rid) == iid:
             self.sent = True
             return [Escalation(self.rid, iid, self.dst, "test")]
         return []
@@ -184,6 +184,27 @@ def test_unstarted_ablation_never_moves_kv():
     setup = small_setup(400, ttft_slo=0.25)
     sim, res = run(setup, "ascendra-unstarted", rate=150.0)
     assert res.migrations.moved_kv == 0
+    assert_clean_end(sim, res)
+
+
+@pytest.mark.parametrize("stage,prompt,after", [("decode", 200, 20), ("prefill", 600, 0)])
+@pytest.mark.parametrize("variant", ["ascendra", "ascendra-no-decode", "ascendra-no-prefill"])
+def test_stage_ablation_refuses_only_the_stage_it_leaves_out(stage, prompt, after, variant):
+    # sim-0 is escalated once it has `after` tokens: decoding (20 tokens), or after its first
+    # step, mid-prefill (600 prompt tokens, 256 a step).
+    setup = small_setup()
+    specs = [RequestSpec(0, 0.0, prompt, 60)] + [RequestSpec(i, 0.01 * i, 100, 60) for i in range(1, 4)]
+    pol = EscalateOnce(plan_instances("sarathi", 3), "sim-0", dst=2, after=after)
+    stages = VARIANTS[variant].escalate_stages
+    sim = Simulator(replace(setup.sim, policy="sarathi", escalate_stages=stages), setup.cost,
+                    setup.model, setup.migration, policy=pol)
+    res = sim.run(specs)
+    seq = next(s for s in res.requests if s.index == 0)
+    if stage in stages:
+        assert sim.escalations_by_stage == {stage: 1} and pol.migrated == [("sim-0", 2)] and seq.instance == 2
+    else:
+        assert sim.escalations_by_stage == {} and pol.failed == ["sim-0"] and res.migrations.filtered == 1
+        assert seq.instance == 0
     assert_clean_end(sim, res)
 
 
