@@ -149,6 +149,20 @@ class AscendraPolicy(Policy):
             inst = least_loaded([i for i in self.instances if i.role == "hp"])
         return inst.instance_id if inst is not None else None
 
+    def would_miss(self, req: RouteRequest) -> bool:
+        """SLO-aware admission: True when no live instance is predicted to give req its first token
+        inside its TTFT objective (every LP's queue ahead of it is too long, and no HP could
+        take it in time). A server with admission control answers 429 at arrival, counted as a
+        miss; without it the request is served best-effort."""
+        if req.ttft_slo is None:
+            return False
+        lps = [i for i in self.instances if i.role == "lp" and i.alive]
+        if any(not self._hopeless_on(i, req) for i in lps):
+            return False
+        deadline = req.arrival_time + req.ttft_slo
+        return self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
+                             started=False) is None
+
     def _hopeless_on(self, inst, req: RouteRequest) -> bool:
         """Whether an LP instance, serving its queued prompts first, would miss req's TTFT."""
         if req.ttft_slo is None:

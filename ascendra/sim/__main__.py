@@ -245,7 +245,7 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
 def scenario_table(workloads: dict[str, dict]) -> str:
     """One row per workload: capacities, Ascendra / best baseline, bound, fractions, ablation."""
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    pol = [p for p in ("vllm", "sarathi", "ascendra") + ABLATIONS
+    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-admission") + ABLATIONS
            if any(p in (w.get("capacity_rps") or {}) for w in workloads.values())]
     head = ["workload"] + [f"{p} (req/s)" for p in pol] + ["ascendra / best baseline", "bound (req/s)"]
     head += [f"{p} / bound" for p in pol]

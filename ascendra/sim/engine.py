@@ -62,6 +62,9 @@ class SimConfig:
     # ZeroMQ); 0 for GPU-scale simulations, measured on the real server for --fidelity.
     dispatch_latency_s: float = 0.0
     check_invariants: bool = False  # verify block accounting after every event (tests)
+    # SLO-aware admission (ascendra): refuse at arrival a request the policy predicts no instance
+    # can serve within its TTFT (a server answers 429); it counts as a miss.
+    admission: bool = False
 
 
 class SimSequence(Sequence):
@@ -192,6 +195,7 @@ class Simulator:
         self.num_events = 0
         self.escalations_by_reason: dict[str, int] = {}
         self.escalations_by_stage: dict[str, int] = {}  # moves begun, by the request's stage
+        self.num_rejected = 0  # refused at arrival (admission)
         self._shared_host = getattr(cost, "predict_shared", None)
 
     # ------------------------------------------------------------------ event queue
@@ -250,6 +254,11 @@ class Simulator:
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, seq: SimSequence, t: float) -> None:
         route = RouteRequest(seq.request_id, seq.num_prompt_tokens, seq.max_tokens, t, seq.ttft_slo, seq.tbt_slo)
+        would_miss = getattr(self.policy, "would_miss", None)
+        if self.cfg.admission and would_miss is not None and would_miss(route):
+            self.num_rejected += 1
+            self._fail(seq, "rejected: 429, predicted to miss its TTFT objective")
+            return
         iid = self.policy.route(route)
         if iid is None:
             self._fail(seq, "no instance could take the request")

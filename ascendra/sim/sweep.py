@@ -29,6 +29,7 @@ class Variant:
     policy: str
     escalate_started: bool = True
     escalate_stages: tuple[str, ...] = ("waiting", "prefill", "decode")
+    admission: bool = False  # refuse at arrival what is predicted to miss (429), counted as misses
 
 
 VARIANTS = {
@@ -40,6 +41,8 @@ VARIANTS = {
     # Per-stage ablation: leave out escalations of decoding requests, or of those mid-prefill.
     "ascendra-no-decode": Variant("ascendra-no-decode", "ascendra", escalate_stages=("waiting", "prefill")),
     "ascendra-no-prefill": Variant("ascendra-no-prefill", "ascendra", escalate_stages=("waiting", "decode")),
+    # SLO-aware admission control (--admission on the server): 429 for the predicted misses.
+    "ascendra-admission": Variant("ascendra-admission", "ascendra", admission=True),
 }
 
 
@@ -87,7 +90,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
     """One point: {"summary": bench summary, "error": None, "sim": simulator details}; with_requests
     adds bench.serve's per-request rows."""
     cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started,
-                  escalate_stages=variant.escalate_stages)
+                  escalate_stages=variant.escalate_stages, admission=variant.admission)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
     sim = Simulator(cfg, setup.cost, setup.model, setup.migration)
@@ -104,7 +107,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
         "sim": {
             "wall_s": wall, "events": res.num_events, "simulated_s": res.end_time,
             "migrations": res.migrations.as_dict(), "escalations": dict(sim.escalations_by_reason),
-            "escalations_by_stage": dict(sim.escalations_by_stage),
+            "escalations_by_stage": dict(sim.escalations_by_stage), "rejected": sim.num_rejected,
             "hopeless": {"policy": getattr(sim.policy, "num_hopeless", 0),
                          "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
