@@ -34,6 +34,7 @@ class Scenario:
     num_hp: int = 1
     num_requests: int = 2000
     variants: tuple[str, ...] = ("vllm", "sarathi", "ascendra", "ascendra-unstarted")
+    # (ablations per escalation stage: add --ablation, or list them with --policy)
     block_size: int = 16
     max_num_seqs: int = 128
     chunk_size: int = 512
