@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from ascendra.perf_model import PerfModel
 from ascendra.sim.bound import throughput_bound
 from ascendra.sim.sweep import to_request_results
 from bench import metrics
@@ -14,16 +15,18 @@ from tests.test_sim import run, small_setup
 
 
 def test_bound_by_hand():
-    # W = 0.001 * 100 + 0.0005 * 10 = 0.105 s a request. TBT floor: (1 - 0.01 / 0.05) / 0.105 = 7.62
-    # req/s an instance; seats: 1 / (0.105 + 0.01 * 10 / 8) = 8.51. The TBT floor binds: x2 instances.
+    # Linear steps: 10 ms + 1 ms a prefill token + 0.5 ms a decode. Prompts 100, outputs 10: B decodes
+    # a step come with 10 x B prefill tokens, so a step takes 0.01 + 0.0105 B. Under a 0.05 s TBT, B = 3
+    # (0.0415 s): 3 / (10 x 0.0415) = 7.23 req/s an instance, x2 instances.
+    cost = PerfModel.from_list([0.01, 0.001, 0.0, 0.0005, 0.0])
     reqs = [RequestSpec(i, 0.0, 100, 10) for i in range(4)]
-    b = throughput_bound([0.01, 0.001, 0.0, 0.0005, 0.0], reqs, 0.05, 8, 2)
-    assert b.binding == "tbt" and b.rate == pytest.approx(2 * 0.8 / 0.105)
-    few_seats = throughput_bound([0.01, 0.001, 0.0, 0.0005, 0.0], reqs, 0.05, 1, 2)
-    assert few_seats.binding == "seats" and few_seats.rate == pytest.approx(2 / (0.105 + 0.1))
-    # A tighter per-request TBT raises the step floor and lowers the bound.
-    tight = [replace(r, tbt_slo_s=0.02) for r in reqs]
-    assert throughput_bound([0.01, 0.001, 0.0, 0.0005, 0.0], tight, 0.05, 8, 2).rate < b.rate
+    b = throughput_bound(cost, reqs, 0.05, 8, 2)
+    assert b.binding == "tbt" and b.decodes == 3 and b.rate == pytest.approx(2 * 3 / (10 * 0.0415))
+    few_seats = throughput_bound(cost, reqs, 0.05, 2, 2)  # two seats: B = 2, 0.031 s steps
+    assert few_seats.binding == "seats" and few_seats.rate == pytest.approx(2 * 2 / (10 * 0.031))
+    # A tighter per-request TBT caps the step lower and lowers the bound.
+    tight = [replace(r, tbt_slo_s=0.03) for r in reqs]
+    assert throughput_bound(cost, tight, 0.05, 8, 2).rate < b.rate
 
 
 def test_simulated_requests_are_scored_against_their_own_objectives():

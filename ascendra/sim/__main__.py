@@ -207,8 +207,7 @@ def run_tasks(tasks: list[tuple], jobs: int) -> list[tuple]:
 def add_bound(summary: dict, setup: Setup) -> None:
     """The throughput bound (ascendra.sim.bound) for this workload, and each capacity's fraction."""
     specs = setup.requests(1.0)
-    b = throughput_bound(setup.model.to_list(), specs, setup.sim.tbt_slo, setup.sim.max_num_seqs,
-                         setup.sim.num_instances)
+    b = throughput_bound(setup.cost, specs, setup.sim.tbt_slo, setup.sim.max_num_seqs, setup.sim.num_instances)
     if b is None:
         return
     summary["bound_rps"] = b.rate

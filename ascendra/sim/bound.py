@@ -1,24 +1,20 @@
 """An upper bound on the request rate any scheduler could sustain within the objectives.
 
-The model (pure arithmetic on a linear step-time model, ``PerfModel`` coefficients
-c0 + c1 * prefill tokens + c2 * prefill attention pairs + c3 * decodes + c4 * decode context):
+The model: an instance in steady state runs identical steps, each holding B decodes (at most
+``max_num_seqs``) and the prefill tokens that admit new requests as fast as decodes finish
+(p = B x mean prompt / mean output), every step no longer than the TBT objective (each decode
+gains one token a step, so longer steps would break the mean TBT of everyone decoding). A step's
+time comes from the step-time source itself (``predict(BatchShape)``: the simulator's ground
+truth, not the system's fitted model), with the decode context of a request halfway through its
+output and the prefill attention pairs of chunks halfway through their prompt. Then
+rate = B / (mean output x step time), maximised over B, times the instances.
 
-- Work is conserved: every request costs its token work, whoever serves it and whenever:
-  W = c1 * P + c2 * P^2 / 2 + c3 * D + c4 * (P * D + D^2 / 2) seconds (prompt P, output D;
-  prefill pairs at least P^2 / 2 however it is chunked; decode k reads P + k tokens).
-- Every step also pays c0. While requests decode, a step must come at least every TBT
-  objective on average (each decode gains one token a step and its mean gap must stay inside
-  the objective), so an instance runs at least 1 / TBT steps a second; and it holds at most
-  ``max_num_seqs`` decodes, so it needs at least rate * D / max_num_seqs steps a second.
-- One instance's second holds: rate * W + c0 * steps <= 1, so
-  rate <= min((1 - c0 / TBT) / W, 1 / (W + c0 * D / max_num_seqs)), times the instances.
-
-Averages are over the workload's requests; with per-request objectives the tightest TBT
-sets the step floor. TTFT is not in the bound (a scheduler may delay nothing but its queue),
-nor memory. So no scheduler can sustain more than this with 90% or any attainment: the
-requests that miss still cost their work. It bounds a sustained rate: a short run can
-absorb a burst above it in its queue. A bound, not a prediction: real steps are not exactly
-linear, and batches are not always full.
+Work is conserved (a request that misses still costs its tokens), so no scheduler sustains
+more than this at 90% or any attainment, up to the model's two idealisations: real batches
+are not always full and balanced, and a step cost that is concave in its tokens (GPUs) could
+let uneven steps do slightly better than identical ones. TTFT and memory are left out (they
+only lower what is reachable). It bounds a sustained rate: a short run can absorb a burst
+above it in its queue. With per-request objectives the tightest TBT caps the step.
 """
 
 from __future__ import annotations
@@ -26,34 +22,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ascendra.perf_model import BatchShape
+
 
 @dataclass(frozen=True)
 class Bound:
     rate: float  # req/s over all instances
-    binding: str  # "tbt" (step floor from the TBT objective) or "seats" (max_num_seqs)
-    work_s: float  # mean token work per request (seconds of one instance)
+    binding: str  # "tbt" (the step cap) or "seats" (max_num_seqs decodes a step)
+    decodes: int  # B at the optimum
+    step_s: float  # the optimum's step time
 
 
-def throughput_bound(coef: Sequence[float], requests: Sequence, tbt_slo: float | None, max_num_seqs: int,
+def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_seqs: int,
                      num_instances: int) -> Bound | None:
-    """requests: items with prompt_len, output_len and optionally tbt_slo_s (RequestSpec)."""
+    """cost: anything with predict(BatchShape) -> seconds. requests: items with prompt_len,
+    output_len and optionally tbt_slo_s (RequestSpec)."""
     if not requests:
         return None
-    c0, c1, c2, c3, c4 = (float(c) for c in coef)
     n = len(requests)
-    work = dec = 0.0
-    tbts = []
-    for r in requests:
-        p, d = r.prompt_len, r.output_len
-        work += c1 * p + c2 * p * p / 2 + c3 * d + c4 * (p * d + d * d / 2)
-        dec += d
-        own = getattr(r, "tbt_slo_s", None)
-        tbts.append(own if own is not None else tbt_slo)
-    work /= n
-    dec /= n
-    tight = min((t for t in tbts if t), default=None)
-    by_tbt = (1 - c0 / tight) / work if tight else 1.0 / work
-    by_seats = 1.0 / (work + c0 * dec / max_num_seqs)
-    if by_tbt <= by_seats:
-        return Bound(max(by_tbt, 0.0) * num_instances, "tbt", work)
-    return Bound(by_seats * num_instances, "seats", work)
+    prompt = sum(r.prompt_len for r in requests) / n
+    output = sum(r.output_len for r in requests) / n
+    own = [getattr(r, "tbt_slo_s", None) for r in requests]
+    tbts = [t if t is not None else tbt_slo for t in own]
+    cap = min((t for t in tbts if t), default=None)
+    context = prompt + output / 2
+    best: Bound | None = None
+    for b in range(1, max_num_seqs + 1):
+        p = round(b * prompt / output)
+        pairs = round(p * (prompt + min(p, prompt)) / 2)
+        step = cost.predict(BatchShape(p, pairs, b, round(b * context)))
+        if cap is not None and step > cap:
+            if best is None:  # not even one decode fits the cap: the tightest step is the best there is
+                best = Bound(num_instances / (output * step), "tbt", 1, step)
+            return Bound(best.rate, "tbt", best.decodes, best.step_s)
+        rate = num_instances * b / (output * step)
+        if best is None or rate > best.rate:
+            best = Bound(rate, "seats", b, step)
+    return best
