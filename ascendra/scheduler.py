@@ -114,6 +114,7 @@ class Scheduler:
         # Requests judged unable to meet their objectives (served best-effort from then on).
         self.num_hopeless = 0
         self.avg_step: float | None = None  # typical predicted step time (decode-first policies)
+        self._num_decodes = 0  # decodes at the head of the batch being built
 
     # ---- queue changes
     def add(self, seq: Sequence) -> None:
@@ -160,12 +161,10 @@ class Scheduler:
 
     def _observe_step(self, out: SchedulerOutput) -> None:
         """Keep the typical predicted step time of the batches this instance runs."""
-        decodes, prefill = 0, 0
-        for s in out.scheduled:
-            if s.num_tokens == 1 and s.seq.is_decoding:
-                decodes += 1
-            else:
-                prefill += s.num_tokens
+        decodes = self._num_decodes  # the decodes lead the batch; prefill chunks follow
+        prefill = 0
+        for s in out.scheduled[decodes:]:
+            prefill += s.num_tokens
         t = self.step_time(prefill, decodes)
         a = STEP_AVG_WEIGHT
         self.avg_step = t if self.avg_step is None else (1 - a) * self.avg_step + a * t
@@ -195,7 +194,8 @@ class Scheduler:
     def _schedule_decode_first(self, out: SchedulerOutput, now: float) -> None:
         policy = self.config.policy
         key = self._fcfs_key if policy == "sarathi" else self._deadline_key
-        budget = self.config.chunk_size - self._schedule_decodes(out, key)
+        self._num_decodes = self._schedule_decodes(out, key)
+        budget = self.config.chunk_size - self._num_decodes
         if policy in ("lp", "hp") and self.step_time is not None and not self._overloaded(now):
             budget = min(budget, self._latency_budget(out, now))
 
