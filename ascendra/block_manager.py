@@ -42,10 +42,6 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    @property
-    def usage(self) -> float:
-        return self.num_used / self.num_blocks
-
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
@@ -69,12 +65,6 @@ class BlockManager:
                 self._free.append(b)
 
     # ---- per-sequence helpers
-    def extra_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))
-
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.extra_blocks_needed(seq, num_tokens) <= len(self._free)
-
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make seq's block table cover num_tokens tokens; False (and no change) if short."""
         have = len(seq.block_table)

@@ -3,9 +3,11 @@
 Pure code (no I/O, no clock reads, no torch): the server and the simulator drive it with
 the times they measured or simulated.
 
-- Routing: new requests go to the least-loaded LP instance, or straight to an HP instance
-  while it holds a "ticket" (no escalated work queued, under half its seats used, over 10%
-  of its blocks free, and a predicted first token inside the request's TTFT objective).
+- Routing: new requests go to the least-loaded of the LP instances and the HP instances
+  that hold a "ticket" (no escalated work queued, under half their seats used, over 10% of
+  their blocks free, and a predicted first token inside the request's TTFT objective). At low
+  load traffic spreads over every instance, so one instance's death takes down only its share.
+  A request no LP can serve in time goes to the least-loaded instance of all, as best-effort.
 - Prediction, after every LP step: the LP serves waiting prompts least-slack-first at its
   prefill budget (chunk_size - decodes, or less: what it measured prefilling per step while
   prompts waited, since its scheduler trims the budget to keep decodes on pace), so a
@@ -17,6 +19,10 @@ the times they measured or simulated.
   own recent p90 relative error, not a per-model constant. Started requests move with
   their KV (``escalate_started``; off reproduces the paper's code, which only moves
   requests that have not started).
+- The hopeless yield: a request whose TTFT passed without a first token, or whose first
+  token came too late, is never escalated (moving it saves nobody); hopeless prompts still
+  waiting on an LP spill to an HP holding the ticket, so when the objectives are out of reach
+  every instance works at full speed, as the baselines' would. ``num_hopeless`` counts them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ from dataclasses import dataclass
 from ascendra.block_manager import blocks_for
 from ascendra.perf_model import BatchShape, PerfModel
 from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
+
+# How much of the model's recent relative error pads every prediction (a quantile).
+ERROR_QUANTILE = 0.9
+# Weight of the newest step in the running average of prefill tokens per step.
+PREFILL_RATE_SMOOTHING = 0.2
+# The HP ticket: new work only while under this share of its seats is used ...
+TICKET_SEAT_SHARE = 0.5
+# ... and this share of its KV blocks stays free after the request's own.
+HP_FREE_BLOCK_RESERVE = 0.1
+# Blocks an escalated started request is assumed to need beyond its tokens so far.
+ESCALATION_GROWTH_TOKENS = 64
+# A decode this close to its last token is not worth moving for its TBT.
+MIN_TOKENS_LEFT_TO_ESCALATE = 4
 
 
 @dataclass
@@ -44,6 +63,7 @@ class _Req:
     migrating: bool = False
     dst: int | None = None  # where an escalation in flight is taking it
     retry_after: float = -math.inf  # after a failed escalation, wait before trying again
+    hopeless: bool = False  # can no longer meet its objectives: never escalated
 
     @property
     def ttft_deadline(self) -> float:
@@ -70,6 +90,11 @@ class _Instance:
         return max(1, min(full, int(self.prefill_per_step)))
 
 
+def _load(inst) -> int:
+    """Requests an instance holds: what it last reported, or what was routed there since."""
+    return max(inst.num_assigned, inst.num_running + inst.num_waiting)
+
+
 class AscendraPolicy(Policy):
     name = "ascendra"
 
@@ -85,6 +110,9 @@ class AscendraPolicy(Policy):
         self.state = {s.instance_id: _Instance(PerfModel()) for s in specs}
         self.reqs: dict[str, _Req] = {}
         self.on_instance: dict[int, dict[str, _Req]] = {s.instance_id: {} for s in specs}
+        # Requests judged unable to meet their objectives (TTFT passed without a first token, or
+        # first token after it): they are served best-effort and never escalated. A metric.
+        self.num_hopeless = 0
 
     # ------------------------------------------------------------------ setup and events
     def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int,
@@ -95,17 +123,55 @@ class AscendraPolicy(Policy):
         st.chunk_size, st.max_num_seqs, st.block_size = chunk_size, max_num_seqs, block_size
 
     def route(self, req: RouteRequest) -> int | None:
-        hp = None
+        """The least-loaded of the LP instances and the HP instances that hold a ticket.
+
+        An HP instance takes new work only while it holds the ticket (nothing escalated queued,
+        under half its seats used, blocks to spare, and a predicted first token inside the
+        request's TTFT objective), and then competes on load like any LP. So at low load traffic
+        spreads over every instance, and one instance's death takes only its share down with it;
+        under load the HP's ticket closes and it keeps its headroom for escalations.
+        """
+        candidates = [i for i in self.instances if i.role == "lp"]
         if self.force_after is None:
             deadline = req.arrival_time + (req.ttft_slo or math.inf)
             hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                started=False, new_request=True)
-        if hp is not None:
-            return hp
-        inst = least_loaded([i for i in self.instances if i.role == "lp"])
-        if inst is None:  # every LP instance is gone: HP instances still serve
+            if hp is not None:
+                candidates.append(self.instances[hp])
+        lp = least_loaded(candidates)
+        if lp is not None and lp.role == "lp" and self._hopeless_on(lp, req):
+            # Beyond what the objectives allow: no instance would serve it in time, so it is
+            # best-effort work for whichever instance has the least (HP included), as the
+            # baselines would share it; there it goes after every hopeful request.
+            candidates = [i for i in self.instances if i.alive]
+        inst = least_loaded(candidates)
+        if inst is None:  # every LP instance is gone and no HP has a ticket: HP instances still serve
             inst = least_loaded([i for i in self.instances if i.role == "hp"])
         return inst.instance_id if inst is not None else None
+
+    def would_miss(self, req: RouteRequest) -> bool:
+        """SLO-aware admission: True when no live instance is predicted to give req its first token
+        inside its TTFT objective (every LP's queue ahead of it is too long, and no HP could
+        take it in time). A server with admission control answers 429 at arrival, counted as a
+        miss; without it the request is served best-effort."""
+        if req.ttft_slo is None:
+            return False
+        lps = [i for i in self.instances if i.role == "lp" and i.alive]
+        if any(not self._hopeless_on(i, req) for i in lps):
+            return False
+        deadline = req.arrival_time + req.ttft_slo
+        return self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
+                             started=False) is None
+
+    def _hopeless_on(self, inst, req: RouteRequest) -> bool:
+        """Whether an LP instance, serving its queued prompts first, would miss req's TTFT."""
+        if req.ttft_slo is None:
+            return False
+        st = self.state[inst.instance_id]
+        budget = st.prefill_budget()
+        step = st.perf.step_time(budget, st.decodes, st.decode_context)
+        queued = inst.unstarted_prompt_tokens + req.num_prompt_tokens
+        return req.arrival_time + math.ceil(queued / budget) * step > req.arrival_time + req.ttft_slo
 
     def on_dispatch(self, instance_id: int, req: RouteRequest) -> None:
         super().on_dispatch(instance_id, req)
@@ -172,7 +238,8 @@ class AscendraPolicy(Policy):
             st.perf.observe(shape, getattr(step, "step_time", 0.0))
             n = shape.prefill_tokens
             if step.num_waiting > 0 and n > 0:  # prompts were left waiting: what the budget allowed
-                st.prefill_per_step = n if st.prefill_per_step is None else 0.8 * st.prefill_per_step + 0.2 * n
+                a = PREFILL_RATE_SMOOTHING
+                st.prefill_per_step = n if st.prefill_per_step is None else (1 - a) * st.prefill_per_step + a * n
         elif step.num_running == 0:
             st.decodes, st.decode_context = 0, 0
         if self.instances[instance_id].role != "lp":
@@ -229,7 +296,7 @@ class AscendraPolicy(Policy):
         if self.force_after is not None:
             return self._forced(instance_id, now)
         st = self.state[instance_id]
-        margin = 1.0 + st.perf.error_quantile(0.9)
+        margin = 1.0 + st.perf.error_quantile(ERROR_QUANTILE)
         at_risk: list[tuple[float, _Req, str]] = []
         for rid, t_first in self.predicted_first_token(instance_id, now).items():
             r = self.reqs[rid]
@@ -238,7 +305,9 @@ class AscendraPolicy(Policy):
             if r.ttft_slo is None or now < r.retry_after:
                 continue
             # Predicted wait stretched by the model's recent error: a miss we can still avoid.
-            if now + (t_first - now) * margin > r.ttft_deadline and now < r.ttft_deadline:
+            if now >= r.ttft_deadline:
+                self._judge_hopeless(r)  # served best-effort on its LP, after every hopeful prompt
+            elif now + (t_first - now) * margin > r.ttft_deadline:
                 at_risk.append((r.ttft_deadline, r, "ttft"))
         if self.escalate_started:
             step = self.lp_step_time(instance_id)
@@ -252,24 +321,76 @@ class AscendraPolicy(Policy):
                 slo, first, n_out = r.tbt_slo, r.first, r.n_out
                 if slo is None or first is None or n_out < 2 or r.migrating or now < r.retry_after:
                     continue
+                if first > r.ttft_deadline:
+                    self._judge_hopeless(r)  # missed its TTFT already: moving it cannot save it
+                    continue
                 behind = r.last - first > slo * (n_out - 1)
                 if not behind and decode_only <= slo:
                     continue  # on pace, and the LP can keep it there: never at risk (cheap exit)
                 future = decode_only if behind else max(decode_only, min(capped, slo))
                 projected = self.projected_mean_tbt(r, future)
-                if projected is not None and projected > slo and r.max_tokens - n_out >= 4:
+                if projected is not None and projected > slo and r.max_tokens - n_out >= MIN_TOKENS_LEFT_TO_ESCALATE:
                     at_risk.append((r.last + slo, r, "tbt"))
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
+        src = self.instances[instance_id]
         for _, r, why in at_risk:
             dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
                                 started=r.first is not None)
             if dst is None:
                 continue
+            if _load(self.instances[dst]) + self.state[dst].incoming >= _load(src):
+                continue  # the HP holds more work than this LP already: moving it there would not help
             r.migrating, r.dst = True, dst
             self.state[dst].incoming += 1
             out.append(Escalation(r.request_id, instance_id, dst, why))
+        out += self._spill_hopeless(instance_id, now)
         return out
+
+    def _spill_hopeless(self, instance_id: int, now: float) -> list[Escalation]:
+        """Move hopeless prompts still waiting on this LP to an HP instance that holds the ticket.
+
+        When the load is beyond what the objectives allow, the LP's queue fills with requests
+        that can no longer make their TTFT while the HP, kept for escalations nobody can be
+        saved by, would sit idle: the split would serve less than the baselines' all-mixed
+        instances. An HP with the ticket (nothing escalated queued, under half its seats used)
+        takes them as best-effort work; it serves them after every request that can still meet
+        its objectives, and their decodes never slow its steps down, so it keeps its headroom.
+        """
+        hopeless = [r for r in self.on_instance[instance_id].values()
+                    if r.hopeless and r.first is None and not r.migrating and now >= r.retry_after]
+        if not hopeless:
+            return []
+        hopeless.sort(key=lambda r: r.arrival)  # the longest waiting first, as a FCFS baseline would
+        out = []
+        src = self.instances[instance_id]
+        for r in hopeless:
+            dst = self._hp_with_ticket(r.prompt_tokens, r.max_tokens)
+            # Only towards the lighter side: spilling must even the load out, not tip it over.
+            if dst is None or _load(self.instances[dst]) + 1 >= _load(src):
+                break
+            r.migrating, r.dst = True, dst
+            self.state[dst].incoming += 1
+            out.append(Escalation(r.request_id, instance_id, dst, "spill"))
+        return out
+
+    def _hp_with_ticket(self, prompt: int, max_tokens: int) -> int | None:
+        for inst in self.instances:
+            if inst.role != "hp" or not inst.alive:
+                continue
+            st = self.state[inst.instance_id]
+            if st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE:
+                continue
+            need = blocks_for(prompt + max_tokens, st.block_size)
+            if inst.total_blocks and inst.free_blocks - need < HP_FREE_BLOCK_RESERVE * inst.total_blocks:
+                continue
+            return inst.instance_id
+        return None
+
+    def _judge_hopeless(self, r: _Req) -> None:
+        if not r.hopeless:
+            r.hopeless = True
+            self.num_hopeless += 1
 
     def _best_hp(self, prompt: int, n_out: int, max_tokens: int, ttft_deadline: float, tbt_slo: float | None,
                  now: float, started: bool, new_request: bool = False) -> int | None:
@@ -280,10 +401,10 @@ class AscendraPolicy(Policy):
             st = self.state[inst.instance_id]
             if st.incoming >= self.max_incoming:
                 continue
-            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs // 2):
+            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE):
                 continue  # the ticket: new work only while HP has nothing escalated queued
-            need = blocks_for(min(prompt + max_tokens, prompt + n_out + 64), st.block_size)
-            if inst.total_blocks and inst.free_blocks - need < 0.1 * inst.total_blocks:
+            need = blocks_for(min(prompt + max_tokens, prompt + n_out + ESCALATION_GROWTH_TOKENS), st.block_size)
+            if inst.total_blocks and inst.free_blocks - need < HP_FREE_BLOCK_RESERVE * inst.total_blocks:
                 continue
             if inst.num_running >= st.max_num_seqs:
                 continue

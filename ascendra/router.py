@@ -228,16 +228,6 @@ class RoundRobinPolicy(Policy):
         return inst.instance_id if inst is not None else None
 
 
-class LeastLoadedPolicy(Policy):
-    """Send each request to the live instance with the least work in flight."""
-
-    name = "least_loaded"
-
-    def route(self, req: RouteRequest) -> int | None:
-        inst = least_loaded(self.instances)
-        return inst.instance_id if inst is not None else None
-
-
 def make_policy(policy: str, specs: list[InstanceSpec], **ascendra_options) -> Policy:
     if policy in ("vllm", "sarathi"):
         return RoundRobinPolicy(specs, name=policy)
@@ -253,7 +243,6 @@ __all__ = [
     "Escalation",
     "InstanceSpec",
     "InstanceState",
-    "LeastLoadedPolicy",
     "Policy",
     "RoundRobin",
     "RoundRobinPolicy",

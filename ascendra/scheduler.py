@@ -12,9 +12,12 @@ Policies (../shared/DESIGN.md, "Scheduling policies"):
   slack (deadline - now - predicted prefill time); requests already past hope go last.
   A request that does not fit is skipped, not waited on. The prefill budget keeps every
   decode on pace for its mean TBT, letting decodes ahead of pace spend their banked slack.
-- ``hp`` (Ascendra high priority): decodes first, then prefills earliest-deadline-first,
-  with the prefill budget trimmed so the step stays inside the tightest TBT objective.
-  On both, a decode behind pace (that can still recover) gets decode-only steps.
+- ``hp`` (Ascendra high priority): the same rules; its waiting requests are mostly escalated
+  ones, so least slack first is earliest deadline first.
+  On both, a decode behind pace (that can still recover) gets decode-only steps, and a
+  request judged hopeless (TTFT missed, or a mean TBT no step plan can save) never holds
+  anyone back: it is served best-effort, so past what the objectives allow the instance runs
+  at full throughput like Sarathi instead of pacing for objectives nothing can meet.
 
 Preemption is by recompute: when a decode needs a block and none is free, the running
 request of lowest priority loses its blocks and returns to the waiting queue.
@@ -30,6 +33,8 @@ from ascendra.block_manager import BlockManager
 from ascendra.sequence import Sequence, SeqStatus
 
 POLICIES = ("vllm", "sarathi", "lp", "hp")
+# Weight of the newest step in the instance's typical (predicted) step time.
+STEP_AVG_WEIGHT = 0.1
 
 # Seconds for a prefill of n tokens, and for a whole step given (prefill tokens, decodes).
 PrefillTimeFn = Callable[[int], float]
@@ -110,6 +115,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Requests judged unable to meet their objectives (served best-effort from then on).
+        self.num_hopeless = 0
+        self.avg_step: float | None = None  # typical predicted step time (decode-first policies)
+        self._num_decodes = 0  # decodes at the head of the batch being built
 
     # ---- queue changes
     def add(self, seq: Sequence) -> None:
@@ -150,7 +159,19 @@ class Scheduler:
             self._schedule_prefill_first(out)
         else:
             self._schedule_decode_first(out, now)
+            if self.step_time is not None and out.scheduled:
+                self._observe_step(out)
         return out
+
+    def _observe_step(self, out: SchedulerOutput) -> None:
+        """Keep the typical predicted step time of the batches this instance runs."""
+        decodes = self._num_decodes  # the decodes lead the batch; prefill chunks follow
+        prefill = 0
+        for s in out.scheduled[decodes:]:
+            prefill += s.num_tokens
+        t = self.step_time(prefill, decodes)
+        a = STEP_AVG_WEIGHT
+        self.avg_step = t if self.avg_step is None else (1 - a) * self.avg_step + a * t
 
     def commit(self, out: SchedulerOutput) -> None:
         """Record that the scheduled tokens' K/V are now in the pool."""
@@ -177,8 +198,9 @@ class Scheduler:
     def _schedule_decode_first(self, out: SchedulerOutput, now: float) -> None:
         policy = self.config.policy
         key = self._fcfs_key if policy == "sarathi" else self._deadline_key
-        budget = self.config.chunk_size - self._schedule_decodes(out, key)
-        if policy in ("lp", "hp") and self.step_time is not None:
+        self._num_decodes = self._schedule_decodes(out, key)
+        budget = self.config.chunk_size - self._num_decodes
+        if policy in ("lp", "hp") and self.step_time is not None and not self._overloaded(now):
             budget = min(budget, self._latency_budget(out, now))
 
         # Ongoing prefills hold blocks already: finish them before starting others.
@@ -197,10 +219,8 @@ class Scheduler:
 
         if policy == "sarathi":
             candidates = list(self.waiting)  # FCFS: arrival order, no skipping
-        elif policy == "lp":
+        else:  # least slack first (earliest deadline, net of the prefill), the hopeless last
             candidates = sorted(self.waiting, key=lambda s: self._slack_key(s, now))
-        else:
-            candidates = sorted(self.waiting, key=self._deadline_key)
         for seq in candidates:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -258,35 +278,44 @@ class Scheduler:
         return scheduled
 
     def _latency_budget(self, out: SchedulerOutput, now: float) -> int:
-        """Largest prefill token count whose predicted step time keeps every decode on pace.
+        """Largest prefill token count whose predicted step time keeps every hopeful decode on pace.
 
         A decode's next token is due at first + tbt_slo * tokens so far (that keeps its mean
-        TBT inside the objective). HP steps never exceed the objective; the LP also lets a decode
-        spend the slack it has banked, so it runs longer, cheaper steps while decodes are ahead.
-        A decode behind pace shortens the step until it catches up, unless it cannot catch up
-        even with decode-only steps to its last token: then it no longer constrains anyone.
+        TBT inside the objective); a decode ahead of pace may spend the slack it banked, so the
+        step runs longer and cheaper. A decode behind pace shortens the step until it catches up.
+        Only decodes that can still meet both objectives hold prefills back: one whose first
+        token came after its TTFT objective has missed already, and one that could not catch up
+        even with decode-only steps to its last token cannot be saved. Those are hopeless: they
+        keep decoding best-effort in every step but no longer slow anyone down, so when the
+        hardware cannot meet the objectives the instance runs at full throughput.
         """
         if self.step_time is None:
             return self.config.chunk_size
         decodes = len(out.scheduled)
         decode_only = self.step_time(0, decodes)
-        bank = self.config.policy == "lp"
+        avg = self.avg_step
         limit = math.inf
         for s in out.scheduled:
             seq = s.seq
             slo, first = seq.tbt_slo, seq.first_token_time
-            if slo is None or first is None:  # no objective, or a prefill chunk: nothing to pace
+            if slo is None or first is None or seq.hopeless:  # nothing to pace
+                continue
+            if seq.ttft_slo is not None and first > seq.arrival_time + seq.ttft_slo:
+                self._judge_hopeless(seq)  # missed its TTFT: its TBT no longer decides anything
                 continue
             n_out = len(seq.token_ids) - seq.num_prompt_tokens
             allowed = first + slo * n_out - now  # seq.next_token_deadline - now, inlined
-            if allowed >= slo:
-                if not bank:
-                    allowed = slo
-            else:
+            if avg is not None and avg < slo:
+                # While this instance's steps typically run under the objective, the tokens after
+                # this one will bank time again: what is left of the request's mean-TBT budget
+                # after them at the typical step is what this step may take, if that is more.
+                allowed = max(allowed, allowed + (seq.sampling.max_tokens - n_out - 1) * (slo - avg))
+            if allowed < slo:
                 max_tokens = seq.sampling.max_tokens
                 final = first + slo * max(max_tokens - 1, 1)
                 if now + (max_tokens - n_out) * decode_only > final:
-                    continue  # hopeless: holding prefills back would not save it
+                    self._judge_hopeless(seq)  # holding prefills back would not save it
+                    continue
             if allowed < limit:
                 limit = allowed
         if math.isinf(limit):
@@ -299,6 +328,22 @@ class Scheduler:
             else:
                 hi = mid - 1
         return lo
+
+    def _overloaded(self, now: float) -> bool:
+        """A prompt waits past its TTFT deadline: this instance cannot keep up with its load.
+
+        Then no step is paced: the queue is already losing requests, and shortening steps for
+        the decodes would only lose more (each step pays the fixed per-step cost again), so the
+        instance runs at full throughput, as Sarathi would, until it catches up.
+        """
+        for seq in self.waiting:
+            if seq.ttft_deadline < now:
+                return True
+        return False
+
+    def _judge_hopeless(self, seq: Sequence) -> None:
+        seq.hopeless = True
+        self.num_hopeless += 1
 
     # ---- helpers
     def _start(self, seq: Sequence) -> None:

@@ -39,6 +39,8 @@ class Sequence:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_preemptions = 0
+        # Judged unable to meet its objectives: served best-effort, never paced for (scheduler).
+        self.hopeless = False
         self.finish_reason: str | None = None
 
     # ---- lengths

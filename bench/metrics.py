@@ -39,6 +39,9 @@ class RequestResult:
     finish_reason: str | None = None
     output_text: str | None = None  # only recorded when asked (--record-output-ids)
     output_ids: list[int] | None = None
+    # The request's own objectives (mixed SLO classes); None: the run's.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -89,9 +92,14 @@ def e2e(r: RequestResult) -> float | None:
 
 
 def meets_slo(r: RequestResult, ttft_slo: float, tbt_slo: float, variant: str = "mean") -> bool:
-    """Both SLOs met by a successful request. variant: 'mean' (the definition) or 'p99'."""
+    """Both SLOs met by a successful request, each against the request's own objectives where it
+    has them, else the run's. variant: 'mean' (the definition) or 'p99'."""
     if not r.success:
         return False
+    if r.ttft_slo_s is not None:
+        ttft_slo = r.ttft_slo_s
+    if r.tbt_slo_s is not None:
+        tbt_slo = r.tbt_slo_s
     t = ttft(r)
     if t is None or t > ttft_slo:
         return False

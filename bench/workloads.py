@@ -38,6 +38,27 @@ SHAREGPT_SIGMA_PROMPT = 1.0
 SHAREGPT_SIGMA_OUTPUT = 0.8
 SHAREGPT_MAX_TOTAL = 2048
 
+# LongBench (Bai et al., ACL 2024, arXiv 2308.14508): its English tasks average 6,711 words of
+# context. At ~1.3 tokens a word (our assumption for Llama-family tokenizers) that is ~8,700
+# tokens; LongBench's own evaluation truncates a prompt in the middle to fit the model's window,
+# so prompts are drawn lognormal around that mean (spread: our assumption) and truncated to
+# max_model_len minus the output. Outputs: short answers for QA, few-shot, synthetic and code
+# tasks (LongBench caps them at 32-128 tokens), summaries for the summarisation tasks (capped
+# at 512); the split and the spreads are our assumptions.
+LONGBENCH_WORDS_MEAN = 6711
+TOKENS_PER_WORD = 1.3
+LONGBENCH_SIGMA_PROMPT = 0.6
+LONGBENCH_SUMMARY_SHARE = 0.2  # 3 of LongBench's 14 English tasks are summarisation
+LONGBENCH_ANSWER_MEAN, LONGBENCH_ANSWER_MAX = 48.0, 128
+LONGBENCH_SUMMARY_MEAN, LONGBENCH_SUMMARY_MAX = 300.0, 512
+DEFAULT_MAX_MODEL_LEN = 8192
+
+# Code completion like the Azure LLM inference trace's code service (Patel et al., Splitwise,
+# ISCA 2024): long prompts (median ~1,500 tokens), very short outputs (median ~13 tokens).
+# Lognormal around those medians; the spreads are our assumptions.
+CODE_PROMPT_MEDIAN, CODE_SIGMA_PROMPT = 1500.0, 0.8
+CODE_OUTPUT_MEDIAN, CODE_SIGMA_OUTPUT = 13.0, 1.0
+
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -173,6 +194,61 @@ def sharegpt_lengths(n: int, rng: random.Random,
     return out
 
 
+def longbench_lengths(n: int, rng: random.Random,
+                      max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> list[tuple[int, int]]:
+    """Long-document prompts truncated to the window, short answers or summaries (see above)."""
+    out = []
+    prompt_mean = LONGBENCH_WORDS_MEAN * TOKENS_PER_WORD
+    for _ in range(n):
+        if rng.random() < LONGBENCH_SUMMARY_SHARE:
+            o = min(_lognormal(rng, LONGBENCH_SUMMARY_MEAN, 0.5), LONGBENCH_SUMMARY_MAX)
+        else:
+            o = min(_lognormal(rng, LONGBENCH_ANSWER_MEAN, 0.8), LONGBENCH_ANSWER_MAX)
+        p = min(_lognormal(rng, prompt_mean, LONGBENCH_SIGMA_PROMPT), max_model_len - o)
+        out.append((p, o))
+    return out
+
+
+def code_lengths(n: int, rng: random.Random,
+                 max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> list[tuple[int, int]]:
+    """Code completion: long prompts, outputs of a few tokens (see above)."""
+    out = []
+    for _ in range(n):
+        o = max(1, round(rng.lognormvariate(math.log(CODE_OUTPUT_MEDIAN), CODE_SIGMA_OUTPUT)))
+        o = min(o, 512)
+        p = max(1, round(rng.lognormvariate(math.log(CODE_PROMPT_MEDIAN), CODE_SIGMA_PROMPT)))
+        out.append((min(p, max_model_len - o), o))
+    return out
+
+
+def burstiness_for_cv(cv: float) -> float:
+    """Gamma shape giving inter-arrival gaps with this coefficient of variation (CV 1 = Poisson)."""
+    if cv <= 0:
+        raise ValueError("cv must be > 0")
+    return 1.0 / (cv * cv)
+
+
+def assign_slo_classes(specs: Sequence[RequestSpec], classes: Sequence[tuple[float, float, float]],
+                       seed: int) -> list[RequestSpec]:
+    """Give each request its own objectives: classes are (share, ttft_s, tbt_s), shares summing
+    to 1, drawn per request from a stream of its own (lengths and arrivals stay as they were)."""
+    total = sum(c[0] for c in classes)
+    if not classes or abs(total - 1.0) > 1e-6 or any(c[0] < 0 for c in classes):
+        raise ValueError(f"SLO class shares must be non-negative and sum to 1, got {total}")
+    rng = random.Random(seed + 2)
+    out = []
+    for s in specs:
+        u, acc = rng.random(), 0.0
+        chosen = classes[-1]  # rounding can leave u just above the last cumulative share
+        for c in classes:
+            acc += c[0]
+            if u < acc:
+                chosen = c
+                break
+        out.append(replace(s, ttft_slo_s=chosen[1], tbt_slo_s=chosen[2]))
+    return out
+
+
 def scale_lengths(pairs: Iterable[tuple[int, int]], prompt_scale: float = 1.0,
                   output_scale: float = 1.0, max_prompt_len: int | None = None,
                   max_output_len: int | None = None) -> list[tuple[int, int]]:
@@ -194,7 +270,7 @@ def scale_lengths(pairs: Iterable[tuple[int, int]], prompt_scale: float = 1.0,
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    dataset: str = "fixed"  # fixed | uniform | sharegpt | trace
+    dataset: str = "fixed"  # fixed | uniform | sharegpt | longbench | code | trace
     num_requests: int | None = None
     duration_s: float | None = None  # stop generating requests at this send time
     rate: float | None = None  # None: the trace's own timing (required for synthetic sets)
@@ -209,6 +285,9 @@ class WorkloadConfig:
     max_prompt_len: int | None = None
     max_output_len: int | None = None
     seed: int = 0
+    # Per-request objectives: (share, ttft_s, tbt_s) per class; empty = the run's defaults.
+    slo_classes: tuple[tuple[float, float, float], ...] = ()
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN  # longbench / code prompts are truncated to fit
 
 
 DEFAULT_NUM_REQUESTS = 100
@@ -248,6 +327,10 @@ def build_workload(cfg: WorkloadConfig, trace: Sequence[TraceRow] | None = None)
             pairs = uniform_lengths(n, cfg.prompt_len, cfg.output_len, cfg.range_ratio, rng)
         elif cfg.dataset == "sharegpt":
             pairs = sharegpt_lengths(n, rng)
+        elif cfg.dataset == "longbench":
+            pairs = longbench_lengths(n, rng, cfg.max_model_len)
+        elif cfg.dataset == "code":
+            pairs = code_lengths(n, rng, cfg.max_model_len)
         else:
             raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
@@ -262,13 +345,8 @@ def build_workload(cfg: WorkloadConfig, trace: Sequence[TraceRow] | None = None)
 
     pairs = scale_lengths(pairs, cfg.prompt_scale, cfg.output_scale, cfg.max_prompt_len,
                           cfg.max_output_len)
-    return [RequestSpec(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(times, pairs))]
-
-
-def with_rate(specs: Sequence[RequestSpec], rate: float) -> list[RequestSpec]:
-    """Same requests, send times rescaled to a new mean rate."""
-    times = rescale_times([s.arrival_s for s in specs], rate)
-    return [replace(s, arrival_s=t) for s, t in zip(specs, times)]
+    specs = [RequestSpec(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(times, pairs))]
+    return assign_slo_classes(specs, cfg.slo_classes, cfg.seed) if cfg.slo_classes else specs
 
 
 # ------------------------------------------------------------------ prompts

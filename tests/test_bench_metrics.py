@@ -117,3 +117,14 @@ ascendra:num_requests_running{instance="1"} 1
     assert m["ascendra:num_requests_running"] == 3
     assert not any(k.endswith("_bucket") for k in m)
     assert promtext.delta({"a": 1.0}, {"a": 3.0, "b": 1.0}) == {"a": 2.0, "b": 1.0}
+
+
+def test_attainment_counts_each_request_against_its_own_objectives():
+    # Same timings (TTFT 0.5 s, mean TBT 0.1 s): met under a relaxed class, missed under a tight one.
+    relaxed = done(0, send=0.0, times=[0.5, 0.6, 0.7])
+    tight = done(1, send=0.0, times=[0.5, 0.6, 0.7])
+    relaxed.ttft_slo_s, relaxed.tbt_slo_s = 5.0, 0.25
+    tight.ttft_slo_s, tight.tbt_slo_s = 0.25, 0.1
+    plain = done(2, send=0.0, times=[0.5, 0.6, 0.7])  # the run's objectives below
+    assert [metrics.meets_slo(r, 1.0, 0.15) for r in (relaxed, tight, plain)] == [True, False, True]
+    assert metrics.attainment([relaxed, tight, plain], 1.0, 0.15) == pytest.approx(2 / 3)

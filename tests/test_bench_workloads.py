@@ -138,3 +138,49 @@ def test_prompts_exact_and_deterministic():
     assert all(lo <= i < hi for i in ids)
     text = wl.prompt_text(7, 3, 50)
     assert len(text.split()) == 50 and text == wl.prompt_text(7, 3, 50)
+
+
+def test_longbench_like_lengths_fill_the_window_and_stay_inside_it():
+    pairs = wl.longbench_lengths(2000, random.Random(0), max_model_len=8192)
+    assert all(p + o <= 8192 and p >= 1 and 1 <= o <= wl.LONGBENCH_SUMMARY_MAX for p, o in pairs)
+    prompts = [p for p, _ in pairs]
+    # ~8,700-token mean before truncation: most prompts are thousands of tokens, many at the cap.
+    assert 5000 <= statistics.mean(prompts) <= 8192
+    assert sum(p + o == 8192 for p, o in pairs) >= 0.2 * len(pairs)
+    assert statistics.median(o for _, o in pairs) <= 128  # mostly short answers
+
+
+def test_code_like_lengths_long_prompts_short_outputs():
+    pairs = wl.code_lengths(4000, random.Random(0))
+    assert 1200 <= statistics.median(p for p, _ in pairs) <= 1800
+    assert 9 <= statistics.median(o for _, o in pairs) <= 17
+    assert all(p + o <= wl.DEFAULT_MAX_MODEL_LEN for p, o in pairs)
+
+
+@pytest.mark.parametrize("dataset", ["longbench", "code"])
+def test_new_datasets_through_build_workload_are_seeded(dataset):
+    cfg = wl.WorkloadConfig(dataset=dataset, num_requests=50, rate=2.0, seed=3, max_model_len=4096)
+    a, b = wl.build_workload(cfg), wl.build_workload(cfg)
+    assert a == b and len(a) == 50 and all(s.prompt_len + s.output_len <= 4096 for s in a)
+
+
+def test_slo_classes_per_request_with_their_shares_and_lengths_unchanged():
+    base = wl.WorkloadConfig(dataset="sharegpt", num_requests=2000, rate=10.0, seed=1)
+    mixed = wl.WorkloadConfig(dataset="sharegpt", num_requests=2000, rate=10.0, seed=1,
+                              slo_classes=((0.3, 0.25, 0.1), (0.7, 5.0, 0.25)))
+    plain, classed = wl.build_workload(base), wl.build_workload(mixed)
+    assert [(s.arrival_s, s.prompt_len, s.output_len) for s in plain] == \
+        [(s.arrival_s, s.prompt_len, s.output_len) for s in classed]
+    assert all(s.ttft_slo_s is None for s in plain)
+    tight = sum(s.ttft_slo_s == 0.25 and s.tbt_slo_s == 0.1 for s in classed)
+    assert sum(s.ttft_slo_s == 5.0 and s.tbt_slo_s == 0.25 for s in classed) == len(classed) - tight
+    assert 0.25 <= tight / len(classed) <= 0.35
+    with pytest.raises(ValueError):
+        wl.assign_slo_classes(plain, ((0.5, 1.0, 0.1),), 0)
+
+
+def test_burstiness_for_cv_gives_that_cv():
+    gaps = wl.unit_gaps(40000, wl.burstiness_for_cv(3.0), random.Random(0))
+    cv = statistics.pstdev(gaps) / statistics.mean(gaps)
+    assert 2.6 <= cv <= 3.4
+    assert wl.burstiness_for_cv(1.0) == 1.0

@@ -54,10 +54,28 @@ def test_tight_ttft_is_escalated_loose_is_not():
             assert pol.predicted_first_token(0, now + 0.01)["urgent"] > now + 2.0
 
 
-def test_new_request_goes_to_idle_hp_with_ticket():
+def test_new_request_goes_to_idle_hp_with_ticket_when_the_lp_is_busier():
     pol = make_policy()
     pol.on_step(1, step(1, 0.0))
+    pol.on_dispatch(0, RouteRequest("x", 100, 20, 0.0, ttft_slo=1.0))
     assert pol.route(RouteRequest("a", 100, 20, 0.0, ttft_slo=1.0)) == 1
+
+
+def test_low_load_spreads_over_lp_and_hp():
+    """Issue 11: at low load every request went to the HP, so its death failed them all. Now the
+    HP with a ticket competes on load with the LP: traffic alternates over both."""
+    pol = make_policy()
+    for iid in (0, 1):
+        pol.on_step(iid, step(iid, 0.0))
+    placed = []
+    for i in range(6):
+        req = RouteRequest(f"r{i}", 100, 20, 0.1 * i, ttft_slo=1.0)
+        iid = pol.route(req)
+        pol.on_dispatch(iid, req)
+        placed.append(iid)
+    assert placed.count(0) == 3 and placed.count(1) == 3
+    pol.set_alive(1, False)  # the HP dies: the LP still takes new work
+    assert pol.route(RouteRequest("after", 100, 20, 1.0, ttft_slo=1.0)) == 0
 
 
 def test_slow_decode_is_escalated_for_tbt():
@@ -75,7 +93,7 @@ def _decode_on_lp(first_token_ago: float, decodes: int, step_time: float) -> lis
     pol.on_dispatch(0, req)
     pol.on_tokens("d", 1, now - first_token_ago)
     pol.on_tokens("d", 9, now)
-    return pol.on_step(0, step(0, now, running=1, num_seqs=1, num_decode_tokens=decodes,
+    return pol.on_step(0, step(0, now, running=decodes, num_seqs=decodes, num_decode_tokens=decodes,
                                decode_context_tokens=decodes * 50, step_time=step_time))
 
 

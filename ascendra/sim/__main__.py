@@ -29,11 +29,13 @@ from ascendra.perf_model import PerfModel
 from ascendra.sim import costs
 from ascendra.sim.benchlib import (add_slo_args, add_workload_args, format_table, load_trace, markdown, plot,
                                    rate_tag, workload_config, write_json)
+from ascendra.sim.bound import throughput_bound
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
 from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary
 
 DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
+ABLATIONS = ("ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default=None,
                    help=f"comma-separated: {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; "
                         "ascendra-unstarted = escalate only before prefill, the paper's code)")
-    s.add_argument("--ablation", action="store_true", help="add ascendra-unstarted to the policies")
+    s.add_argument("--ablation", action="store_true",
+                   help="add the escalation ablations: ascendra-unstarted (only before prefill, the paper's code), "
+                        "ascendra-no-decode, ascendra-no-prefill (leave out escalating decodes / requests mid-prefill)")
     s.add_argument("--num-instances", type=int, default=None, help="default 3")
     s.add_argument("--num-hp", type=int, default=None, help="ascendra HP instances (default a third)")
     s.add_argument("--cost", default=None,
@@ -135,7 +139,8 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         record_token_times=not a.no_token_times)
     wcfg = workload_config(a, None)
     if wl is not None:
-        wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals,
+        wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals, burstiness=wl.burstiness,
+                       slo_classes=wl.slo_classes, max_model_len=cfg.max_model_len,
                        num_requests=a.num_requests or (sc.num_requests if sc else None))
     elif wcfg.dataset == "fixed" and a.dataset is None:
         wcfg = replace(wcfg, dataset="sharegpt")
@@ -159,8 +164,8 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
 
 def variants_from(a: argparse.Namespace, sc: Scenario | None) -> list[str]:
     names = [v.strip() for v in (a.policy or (",".join(sc.variants) if sc else DEFAULT_VARIANTS)).split(",") if v.strip()]
-    if a.ablation and "ascendra-unstarted" not in names:
-        names.append("ascendra-unstarted")
+    if a.ablation:
+        names += [v for v in ABLATIONS if v not in names]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise SystemExit(f"error: unknown policy {bad[0]!r}; choose from {', '.join(VARIANTS)}")
@@ -198,16 +203,31 @@ def run_tasks(tasks: list[tuple], jobs: int) -> list[tuple]:
         return pool.map(_search, tasks, chunksize=1)
 
 
+def add_bound(summary: dict, setup: Setup) -> None:
+    """The throughput bound (ascendra.sim.bound) for this workload, and each capacity's fraction."""
+    specs = setup.requests(1.0)
+    b = throughput_bound(setup.cost, specs, setup.sim.tbt_slo, setup.sim.max_num_seqs, setup.sim.num_instances)
+    if b is None:
+        return
+    summary["bound_rps"] = b.rate
+    summary["bound_binding"] = b.binding
+    summary["fraction_of_bound"] = {p: (c / b.rate if c else None) for p, c in summary["capacity_rps"].items()}
+
+
 def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dict[float, dict]],
                           threshold: float, extra: dict) -> dict:
     summary = sweep_summary(pts, setup, threshold, extra | {"workload": name})
     caps = summary["capacity_rps"]
     summary["ratio_vs_best_baseline"] = ratio(caps)
+    add_bound(summary, setup)
     if "ascendra-unstarted" in caps:
         summary["ablation"] = {"escalate_any_stage": caps.get("ascendra"),
                                "escalate_before_prefill_only": caps.get("ascendra-unstarted"),
                                "ratio_any_stage_vs_before_prefill":
                                    ratio(caps, "ascendra", ("ascendra-unstarted",))}
+    for v in ABLATIONS[1:]:
+        if v in caps:
+            summary.setdefault("ablation", {})[v] = caps.get(v)
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     for p, by_rate in pts.items():
@@ -220,15 +240,38 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
     return summary
 
 
+def scenario_table(workloads: dict[str, dict]) -> str:
+    """One row per workload: capacities, Ascendra / best baseline, bound, fractions, ablation."""
+    g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-admission") + ABLATIONS
+           if any(p in (w.get("capacity_rps") or {}) for w in workloads.values())]
+    head = ["workload"] + [f"{p} (req/s)" for p in pol] + ["ascendra / best baseline", "bound (req/s)"]
+    head += [f"{p} / bound" for p in pol]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, w in workloads.items():
+        caps, frac = w.get("capacity_rps") or {}, w.get("fraction_of_bound") or {}
+        row = [name] + [g(caps.get(p)) for p in pol]
+        r = w.get("ratio_vs_best_baseline")
+        row += ["n/a" if r is None else f"{r:.2f}x",
+                f"{g(w.get('bound_rps'))} ({w.get('bound_binding', '-')})"]
+        row += ["n/a" if frac.get(p) is None else f"{frac[p]:.0%}" for p in pol]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _extra_markdown(summary: dict) -> str:
     lines = [""]
+    if summary.get("bound_rps") is not None:
+        lines.append(f"Throughput bound: {summary['bound_rps']:.3g} req/s ({summary['bound_binding']} binds; "
+                     "model in ascendra/sim/bound.py)")
     if summary.get("ratio_vs_best_baseline") is not None:
         lines.append(f"Ascendra capacity / best baseline: {summary['ratio_vs_best_baseline']:.2f}x")
     ab = summary.get("ablation")
     if ab:
         g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-        lines.append(f"Ablation: escalation at every stage {g(ab['escalate_any_stage'])} req/s vs only before "
-                     f"prefill {g(ab['escalate_before_prefill_only'])} req/s")
+        lines.append(f"Ablation: escalation at every stage {g(ab.get('escalate_any_stage'))} req/s vs only before "
+                     f"prefill {g(ab.get('escalate_before_prefill_only'))} req/s; without escalating decodes "
+                     f"{g(ab.get('ascendra-no-decode'))}, without mid-prefill {g(ab.get('ascendra-no-prefill'))}")
     rows = [pt for pt in summary["points"] if pt["policy"].startswith("ascendra")]
     if rows:
         lines += ["", "| policy | rate | escalations | moved unstarted | moved with KV | failed | frozen (s) |",
@@ -271,9 +314,12 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         else:
             summary = sweep_summary(pts[key], setup, a.threshold, {})
             summary["ratio_vs_best_baseline"] = ratio(summary["capacity_rps"])
+            add_bound(summary, setup)
         md.append(f"## {key}\n\n" + markdown(summary) + _extra_markdown(summary))
         report["workloads"][key] = {k: summary.get(k) for k in ("capacity_rps", "capacity", "ratio_vs_best_baseline",
-                                                                "ablation", "slo")}
+                                                                "ablation", "slo", "bound_rps", "bound_binding",
+                                                                "fraction_of_bound")}
+    md += ["## All workloads", "", scenario_table(report["workloads"])]
     first = report["workloads"][next(iter(setups))]
     report["capacity_rps"] = first["capacity_rps"]
     report["ratio_vs_best_baseline"] = first["ratio_vs_best_baseline"]
@@ -289,11 +335,12 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         _log(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {', '.join(str(out / k / 'attainment.png') for k in setups)}")
     last = {"capacity_rps": report["capacity_rps"], "ratio_vs_best_baseline": report["ratio_vs_best_baseline"]}
     if len(setups) > 1:
-        last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"]}
+        last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"],
+                                 "bound_rps": v.get("bound_rps"), "fraction_of_bound": v.get("fraction_of_bound")}
                              for k, v in report["workloads"].items()}
     if report.get("ablation"):
-        last["ablation"] = {k: {"ascendra": v["ablation"]["escalate_any_stage"],
-                                "ascendra-unstarted": v["ablation"]["escalate_before_prefill_only"]}
+        last["ablation"] = {k: {"ascendra": v["capacity_rps"].get("ascendra"),
+                                **{a: v["capacity_rps"].get(a) for a in ABLATIONS if a in v["capacity_rps"]}}
                             for k, v in report["workloads"].items() if v.get("ablation")}
     print(json.dumps(last))
     return 0

@@ -51,6 +51,9 @@ class SimConfig:
     tbt_slo: float | None = 0.15
     # Ascendra: escalate started requests with their KV (ours) or only unstarted ones (the paper's code).
     escalate_started: bool = True
+    # Ablation: the stages at which an escalation is carried out (others are refused as filtered):
+    # "waiting" (never scheduled), "prefill" (mid-prefill, moves its KV), "decode" (moves its KV).
+    escalate_stages: tuple[str, ...] = ("waiting", "prefill", "decode")
     # Give the LP/HP schedulers the fitted model (LP slack ordering with predicted prefill time,
     # HP latency budget). Off mirrors the real worker, whose Engine builds its Scheduler without it.
     scheduler_uses_model: bool = True  # as the real worker: LP slack and HP budget from the model
@@ -59,6 +62,9 @@ class SimConfig:
     # ZeroMQ); 0 for GPU-scale simulations, measured on the real server for --fidelity.
     dispatch_latency_s: float = 0.0
     check_invariants: bool = False  # verify block accounting after every event (tests)
+    # SLO-aware admission (ascendra): refuse at arrival a request the policy predicts no instance
+    # can serve within its TTFT (a server answers 429); it counts as a miss.
+    admission: bool = False
 
 
 class SimSequence(Sequence):
@@ -95,7 +101,7 @@ class MigrationStats:
     moved_kv: int = 0  # started requests moved with their KV
     failed: int = 0  # destination short of blocks, request lost its KV, or stale
     cancelled: int = 0  # request finished while its blocks were being copied
-    filtered: int = 0  # started requests refused (escalate_started off)
+    filtered: int = 0  # refused by the ablation (escalate_started off, or a stage left out)
     blocks_copied: int = 0
     frozen_s: float = 0.0  # total time requests sat frozen
 
@@ -188,6 +194,8 @@ class Simulator:
         self.mstats = MigrationStats()
         self.num_events = 0
         self.escalations_by_reason: dict[str, int] = {}
+        self.escalations_by_stage: dict[str, int] = {}  # moves begun, by the request's stage
+        self.num_rejected = 0  # refused at arrival (admission)
         self._shared_host = getattr(cost, "predict_shared", None)
 
     # ------------------------------------------------------------------ event queue
@@ -246,6 +254,11 @@ class Simulator:
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, seq: SimSequence, t: float) -> None:
         route = RouteRequest(seq.request_id, seq.num_prompt_tokens, seq.max_tokens, t, seq.ttft_slo, seq.tbt_slo)
+        would_miss = getattr(self.policy, "would_miss", None)
+        if self.cfg.admission and would_miss is not None and would_miss(route):
+            self.num_rejected += 1
+            self._fail(seq, "rejected: 429, predicted to miss its TTFT objective")
+            return
         iid = self.policy.route(route)
         if iid is None:
             self._fail(seq, "no instance could take the request")
@@ -391,7 +404,14 @@ class Simulator:
             self._refuse(rid, t)
             return
         src, dst = self.instances[esc.src], self.instances[esc.dst]
-        if not seq.block_table and seq.status is SeqStatus.WAITING:
+        stage = ("waiting" if not seq.block_table and seq.status is SeqStatus.WAITING
+                 else "prefill" if seq.first_token_time is None else "decode")
+        if stage not in self.cfg.escalate_stages:
+            self.mstats.filtered += 1
+            if self._on_failed is not None:
+                self._on_failed(rid, t)
+            return
+        if stage == "waiting":
             self._move_waiting(seq, src, dst, t)
             return
         if not self.cfg.escalate_started:
@@ -400,6 +420,7 @@ class Simulator:
             if self._on_failed is not None:
                 self._on_failed(rid, t)
             return
+        self.escalations_by_stage[stage] = self.escalations_by_stage.get(stage, 0) + 1
         snap = seq.num_computed_tokens // self.link.block_size
         try:
             dst_blocks = dst.blocks.allocate(snap)
@@ -411,6 +432,7 @@ class Simulator:
         self._push(t + self.link.blocks_time(snap), _BULK_DONE, mig)
 
     def _move_waiting(self, seq: SimSequence, src: SimInstance, dst: SimInstance, t: float) -> None:
+        self.escalations_by_stage["waiting"] = self.escalations_by_stage.get("waiting", 0) + 1
         src.scheduler.detach(seq)
         dst.scheduler.add(seq)
         seq.instance = dst.iid

@@ -27,6 +27,8 @@ class Variant:
     name: str
     policy: str
     escalate_started: bool = True
+    escalate_stages: tuple[str, ...] = ("waiting", "prefill", "decode")
+    admission: bool = False  # refuse at arrival what is predicted to miss (429), counted as misses
 
 
 VARIANTS = {
@@ -35,6 +37,11 @@ VARIANTS = {
     "ascendra": Variant("ascendra", "ascendra"),
     # The paper's released code: escalate only requests that were never scheduled.
     "ascendra-unstarted": Variant("ascendra-unstarted", "ascendra", escalate_started=False),
+    # Per-stage ablation: leave out escalations of decoding requests, or of those mid-prefill.
+    "ascendra-no-decode": Variant("ascendra-no-decode", "ascendra", escalate_stages=("waiting", "prefill")),
+    "ascendra-no-prefill": Variant("ascendra-no-prefill", "ascendra", escalate_stages=("waiting", "decode")),
+    # SLO-aware admission control (--admission on the server): 429 for the predicted misses.
+    "ascendra-admission": Variant("ascendra-admission", "ascendra", admission=True),
 }
 
 
@@ -65,7 +72,8 @@ def to_request_results(res: SimResult) -> list[metrics.RequestResult]:
             index=seq.index, prompt_len=seq.num_prompt_tokens, output_len=seq.max_tokens,
             scheduled_s=seq.arrival_time, send_s=seq.arrival_time, token_times_s=times,
             end_s=seq.last_token_time if seq.last_token_time is not None else seq.arrival_time,
-            n_out=n_out, prompt_tokens=seq.num_prompt_tokens, finish_reason=seq.finish_reason)
+            n_out=n_out, prompt_tokens=seq.num_prompt_tokens, finish_reason=seq.finish_reason,
+            ttft_slo_s=seq.ttft_slo, tbt_slo_s=seq.tbt_slo)  # each request against its own
         if seq.error is not None:
             r.error = f"error event: {seq.error}"
         elif n_out < seq.max_tokens:  # cut at max_model_len: the bench client counts it as failed
@@ -80,7 +88,8 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
              with_requests: bool = False) -> dict:
     """One point: {"summary": bench summary, "error": None, "sim": simulator details}; with_requests
     adds bench.serve's per-request rows."""
-    cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started)
+    cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started,
+                  escalate_stages=variant.escalate_stages, admission=variant.admission)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
     sim = Simulator(cfg, setup.cost, setup.model, setup.migration)
@@ -97,6 +106,9 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
         "sim": {
             "wall_s": wall, "events": res.num_events, "simulated_s": res.end_time,
             "migrations": res.migrations.as_dict(), "escalations": dict(sim.escalations_by_reason),
+            "escalations_by_stage": dict(sim.escalations_by_stage), "rejected": sim.num_rejected,
+            "hopeless": {"policy": getattr(sim.policy, "num_hopeless", 0),
+                         "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
         },
     }
