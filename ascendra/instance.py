@@ -53,14 +53,15 @@ class Step:
 class Emitted:
     """What committing a step did to one sampling row: its token and, if it ended, why."""
 
-    __slots__ = ("seq", "token", "finish_reason", "error")
+    __slots__ = ("seq", "token", "finish_reason", "error", "first")
 
     def __init__(self, seq: Sequence, token: int | None, finish_reason: str | None = None,
-                 error: str | None = None) -> None:
+                 error: str | None = None, first: bool = False) -> None:
         self.seq = seq
         self.token = token  # None when the row failed
         self.finish_reason = finish_reason
         self.error = error
+        self.first = first  # this was the request's first token
 
 
 class Instance:
@@ -172,14 +173,15 @@ class Instance:
                 continue
             token = tokens[i]
             seq.token_ids.append(token)
-            if seq.first_token_time is None:
+            first = seq.first_token_time is None
+            if first:
                 seq.first_token_time = now
             seq.last_token_time = now
             reason = self.finish_reason(seq, token)
             if reason is not None:
                 self.remove(seq.request_id)
                 seq.finish_reason = reason
-            out.append(Emitted(seq, token, reason))
+            out.append(Emitted(seq, token, reason, None, first))
         return out
 
     def fail(self, step: Step) -> list[Sequence]:

@@ -161,8 +161,8 @@ def test_destination_without_blocks_abandons_the_move():
     v = VARIANTS["sarathi"]
     sim = Simulator(replace(setup.sim, policy=v.policy), setup.cost, setup.model, setup.migration, policy=pol)
     small = BlockManager(4, 16)  # instance 1 can hold 64 tokens: never the 300-token request
-    sim.instances[1].blocks = small
-    sim.instances[1].scheduler.blocks = small
+    inst = sim.instances[1]
+    inst.blocks = inst.core.blocks = inst.scheduler.blocks = small
     specs = [specs[0], specs[2]]  # keep instance 1 empty so its tiny pool suffices
     res = sim.run(specs)
     assert pol.failed == ["sim-0"] and not pol.migrated

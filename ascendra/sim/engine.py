@@ -1,9 +1,8 @@
 """Discrete-event simulation of N serving instances driven by the real scheduler and policy.
 
-Each simulated instance owns the worker's ``Scheduler`` and ``BlockManager`` and steps the way
-``workers.engine.Engine.step`` does (schedule -> forward -> commit -> append the sampled token ->
-finish on max_tokens / max_model_len -> remove), with the forward pass replaced by a step-time
-source (``ascendra.sim.costs``). The coordinator side is the real routing ``Policy``: it routes
+Each simulated instance runs the worker's own ``ascendra.instance.Instance`` (admission, scheduling,
+batch shape, commit, token append, finish rules), exactly as ``workers.engine.Engine`` does, with
+the forward pass replaced by a step-time source (``ascendra.sim.costs``). The coordinator side is the real routing ``Policy``: it routes
 arrivals, hears about tokens, finishes and every step, and returns escalations, which are carried
 out with simulated migration:
 
@@ -24,11 +23,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from ascendra.block_manager import BlockManager, OutOfBlocks, blocks_for
+from ascendra.block_manager import OutOfBlocks, blocks_for
+from ascendra.instance import Instance, Step
 from ascendra.messages import SamplingParams, StepOutput
-from ascendra.perf_model import BatchShape, PerfModel
+from ascendra.perf_model import PerfModel
 from ascendra.router import InstanceSpec, RouteRequest, make_policy, plan_instances
-from ascendra.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from ascendra.scheduler import SchedulerConfig
 from ascendra.sequence import Sequence, SeqStatus
 from ascendra.sim.costs import MigrationCost, linear_fns
 
@@ -110,39 +110,29 @@ class MigrationStats:
 
 
 class SimInstance:
+    """One simulated instance: the worker's own ``Instance`` core, with step times instead of a
+    forward pass."""
+
     def __init__(self, spec: InstanceSpec, cfg: SimConfig, cost, model: PerfModel) -> None:
         self.iid = spec.instance_id
         self.spec = spec
         self.cost = cost
-        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
         prefill_time = step_time = None
         self._avg_context = [0.0]  # mean decode context of the last step, for the HP budget
         if cfg.scheduler_uses_model and model.fitted:
             prefill_time, make_step_time = linear_fns(model)
             step_time = make_step_time(self._avg_context)
-        self.scheduler = Scheduler(
+        self.core = Instance(
             SchedulerConfig(policy=spec.policy, max_num_seqs=cfg.max_num_seqs, chunk_size=cfg.chunk_size,
                             max_model_len=cfg.max_model_len),
-            self.blocks, prefill_time=prefill_time, step_time=step_time)
-        self.max_model_len = cfg.max_model_len
-        self.inflight: SchedulerOutput | None = None
-        self.inflight_shape: tuple[int, int, int, int, int, float] | None = None
+            cfg.num_blocks, cfg.block_size, prefill_time=prefill_time, step_time=step_time)
+        self.blocks = self.core.blocks
+        self.scheduler = self.core.scheduler
+        self.inflight: Step | None = None
+        self.inflight_time = 0.0  # the in-flight step's duration
         self.pending_freezes: list[_Migration] = []
         self.num_steps = 0
         self.busy_s = 0.0
-
-    def check(self, seq: SimSequence) -> str | None:
-        """The worker's admission checks (Engine._check) for a simulated request."""
-        n = seq.num_tokens
-        if n >= self.max_model_len:
-            return (f"prompt has {n} tokens; this model's limit is {self.max_model_len} "
-                    "(prompt plus at least one output token)")
-        if seq.max_tokens <= 0:
-            return "max_tokens must be at least 1"
-        need = blocks_for(min(n + seq.max_tokens, self.max_model_len), self.blocks.block_size)
-        if need > self.blocks.num_blocks:
-            return f"request needs up to {need} KV blocks but this worker's pool holds only {self.blocks.num_blocks}"
-        return None
 
 
 @dataclass
@@ -274,7 +264,7 @@ class Simulator:
     def _enqueue(self, seq: SimSequence, t: float) -> None:
         """The request reaches its worker: the worker's admission checks, then its queue."""
         inst = self.instances[seq.instance]
-        err = inst.check(seq)
+        err = inst.core.add(seq)
         if err is not None:
             self.active.pop(seq.request_id, None)
             self._fail(seq, err)
@@ -282,7 +272,6 @@ class Simulator:
             return
         self.active[seq.request_id] = seq
         seq.enqueued = True
-        inst.scheduler.add(seq)
         self._kick(inst, t)
 
     def _fail(self, seq: SimSequence, error: str) -> None:
@@ -293,75 +282,53 @@ class Simulator:
     # ------------------------------------------------------------------ instance steps
     def _kick(self, inst: SimInstance, t: float) -> None:
         """Start an iteration if the instance is idle and has something to run."""
-        if inst.inflight is not None or not inst.scheduler.has_work():
+        if inst.inflight is not None or not inst.core.has_work():
             return
-        out = inst.scheduler.schedule(t)
-        if not out.scheduled:
+        step = inst.core.plan(t)
+        if step is None:
             return  # e.g. everything waits for blocks held by a migration; a later kick retries
-        pre = dec = pctx = dctx = pairs = 0
-        for s in out.scheduled:
-            n, ctx = s.num_tokens, s.context_len
-            if n == 1 and ctx > 0:
-                dec += 1
-                dctx += ctx + 1
-            else:
-                pre += n
-                pctx += ctx + n
-                pairs += n * (ctx + n)
+        shape = step.shape
         if self._shared_host is None:
-            dur = inst.cost.predict(BatchShape(pre, pairs, dec, dctx))
+            dur = inst.cost.predict(shape)
         else:  # instances on one host slow each other down (see costs.SharedHostCost)
             others = sum(o.inflight is not None for o in self.instances)  # inst is idle here
-            dur = self._shared_host(BatchShape(pre, pairs, dec, dctx), others)
+            dur = self._shared_host(shape, others)
         if not dur > 0:
             dur = 1e-9  # time must move on for a non-empty batch
-        if dec:
-            inst._avg_context[0] = dctx / dec
-        inst.inflight = out
-        inst.inflight_shape = (pre, dec, pctx, dctx, pairs, dur)
+        if shape.decodes:
+            inst._avg_context[0] = shape.decode_context / shape.decodes
+        inst.inflight = step
+        inst.inflight_time = dur
         self._push(t + dur, _STEP, inst)
 
     def _step_done(self, inst: SimInstance, t: float) -> None:
-        out = inst.inflight
+        step = inst.inflight
         inst.inflight = None
-        sched = inst.scheduler
-        sched.commit(out)
-        max_len = inst.max_model_len
-        record = self.cfg.record_token_times
-        sampled: list[SimSequence] = []
-        finished: list[SimSequence] = []
-        for s in out.scheduled:
-            if not s.samples:
-                continue
-            seq = s.seq
-            seq.token_ids.append(_TOKEN)
-            sampled.append(seq)
-            if record:
-                seq.token_times.append(t)
-            ntok = len(seq.token_ids)
-            if ntok - seq.num_prompt_tokens >= seq.max_tokens or ntok >= max_len:
-                seq.finish_reason = "length"
-                sched.remove(seq)
-                finished.append(seq)
+        # The worker's own commit: K/V in the pool, the sampled token appended, finish rules.
+        emitted = inst.core.complete(step, [_TOKEN] * len(step.sampling), t)
         inst.num_steps += 1
-        dur = inst.inflight_shape[5]
+        dur = inst.inflight_time
         inst.busy_s += dur
         # The coordinator's order (Coordinator._on_step): the step goes to the policy first, then
         # each request's tokens, then finishes; escalations act at the workers' next boundary.
         policy = self.policy
-        escalations = policy.on_step(inst.iid, self._step_output(inst, out, t, dur))
+        escalations = policy.on_step(inst.iid, self._step_output(inst, step, t, dur))
         on_tokens = self._on_tokens
-        for seq in sampled:
-            if seq.first_token_time is None:
-                seq.first_token_time = t
+        record = self.cfg.record_token_times
+        for e in emitted:
+            seq = e.seq
+            if record:
+                seq.token_times.append(t)
+            if e.first:
                 policy.on_first_token(seq.request_id)
-            seq.last_token_time = t
             if on_tokens is not None:
                 on_tokens(seq.request_id, 1, t)
-        for seq in finished:
-            seq.done = True
-            del self.active[seq.request_id]
-            policy.on_finish(seq.request_id)
+        for e in emitted:
+            if e.finish_reason is not None:
+                seq = e.seq
+                seq.done = True
+                del self.active[seq.request_id]
+                policy.on_finish(seq.request_id)
         for esc in escalations:
             self._escalate(esc, t)
         if inst.pending_freezes:
@@ -370,13 +337,16 @@ class Simulator:
                 self._freeze(mig, t)
         self._kick(inst, t)
 
-    def _step_output(self, inst: SimInstance, out: SchedulerOutput | None, t: float, dur: float) -> StepOutput:
+    def _step_output(self, inst: SimInstance, step: Step | None, t: float, dur: float) -> StepOutput:
         sched = inst.scheduler
-        if out is None:
+        if step is None:
             pre = dec = pctx = dctx = pairs = nseq = npre = 0
         else:
-            pre, dec, pctx, dctx, pairs, _ = inst.inflight_shape
-            nseq, npre = len(out.scheduled), len(out.preempted)
+            shape = step.shape
+            pre, pairs, dec, dctx = (shape.prefill_tokens, shape.prefill_attention_pairs, shape.decodes,
+                                     shape.decode_context)
+            pctx = step.prefill_context_tokens
+            nseq, npre = len(step.sched.scheduled), len(step.sched.preempted)
         # outputs stay empty: the simulator reports tokens through on_tokens/on_finish instead.
         return StepOutput(
             worker_id=inst.iid, step=inst.num_steps, outputs=[], num_seqs=nseq, num_prefill_tokens=pre,
@@ -433,8 +403,8 @@ class Simulator:
 
     def _move_waiting(self, seq: SimSequence, src: SimInstance, dst: SimInstance, t: float) -> None:
         self.escalations_by_stage["waiting"] = self.escalations_by_stage.get("waiting", 0) + 1
-        src.scheduler.detach(seq)
-        dst.scheduler.add(seq)
+        src.core.detach(seq.request_id)
+        dst.core.attach(seq)  # no blocks yet: it queues as a new request there
         seq.instance = dst.iid
         seq.num_migrations += 1
         self.mstats.moved_waiting += 1
@@ -477,7 +447,7 @@ class Simulator:
             return
         if need > 0:
             mig.dst_blocks.extend(dst.blocks.allocate(need))
-        src.scheduler.detach(seq)
+        src.core.detach(rid)
         mig.frozen_at = t
         self.mstats.blocks_copied += len(mig.dst_blocks)
         self._push(t + self.link.blocks_time(max(need, 1)), _COMMIT, mig)
@@ -489,7 +459,7 @@ class Simulator:
         seq.block_table = mig.dst_blocks
         seq.instance = dst.iid
         seq.num_migrations += 1
-        dst.scheduler.attach(seq)
+        dst.core.attach(seq)
         self.mstats.moved_kv += 1
         self.mstats.frozen_s += t - mig.frozen_at
         if self._on_migrated is not None:
