@@ -222,7 +222,7 @@ class Engine:
         batch = sched.scheduled
         sampling = [s for s in batch if s.samples]
         for s in batch:
-            if s.seq.request_id in self.fatal_request_ids:
+            if s.seq.request_id in self.fatal_request_ids or "*" in self.fatal_request_ids:
                 raise FatalDeviceError("CUDA error: an illegal memory access was encountered (injected)")
         if hasattr(self.runner, "next_tokens"):  # the fake model picks tokens without logits
             return self.runner.next_tokens(sampling)

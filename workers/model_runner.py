@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ascendra.messages import ModelInfo
 from ascendra.scheduler import ScheduledSeq
 from workers.attention import (
+    DECODE_GATHER_TOKENS,
     AttentionMetadata,
     DecodeGroup,
     PrefillChunk,
@@ -121,6 +122,7 @@ class ModelRunner:
             cos, sin = inner.rotary_emb(probe, pos)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         del inner.layers  # the fused copies above replace them
+        self.decode_gather_tokens = DECODE_GATHER_TOKENS  # bound on one padded SDPA decode call
         for module in (self.embed, self.final_norm, *(m for l in self.layers for m in (l.input_norm, l.post_norm))):
             module.requires_grad_(False)
 
@@ -263,7 +265,7 @@ class ModelRunner:
                 extra["dec_table"], extra["dec_len"], extra["width"] = pack.add(table), pack.add(lens), width
         else:
             groups = []
-            for first, count, width in decode_groups(lens, block_size):
+            for first, count, width in decode_groups(lens, block_size, self.decode_gather_tokens):
                 rows = decodes[first : first + count]
                 table = [x for s in rows for x in _pad(s.seq.block_table[:width], width)]
                 groups.append((first, count, width, pack.add(table), pack.add(lens[first : first + count])))

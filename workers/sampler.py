@@ -41,7 +41,7 @@ class Sampler:
             return out
         self._ban_stops_below_min_tokens(logits, params, num_outputs)
         for i, rid in enumerate(request_ids or []):
-            if rid in self.fail_request_ids:
+            if rid in self.fail_request_ids or "*" in self.fail_request_ids:
                 out[i] = SamplingError(f"injected sampling fault for request {rid!r}")
         dev = logits.device
         greedy = [p.greedy for p in params]

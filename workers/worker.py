@@ -84,9 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", default="auto", choices=["auto", "off"],
                    help="fit the step-time model on this device at start (auto: reuse the cached fit if any)")
     p.add_argument("--scatter-blocks", type=int, default=None, help="shuffle the free block list with this seed")
-    # Test-only fault injection (tests and tools.gpu_check exercise failure paths on CPU with it).
-    p.add_argument("--fail-sampling", default="", help=argparse.SUPPRESS)  # request ids, comma separated
-    p.add_argument("--fail-fatal", default="", help=argparse.SUPPRESS)
+    # Test-only fault injection: request ids, comma separated ("*": any). Environment defaults
+    # let a test reach workers that a server starts.
+    p.add_argument("--fail-sampling", default=os.environ.get("ASCENDRA_TEST_FAIL_SAMPLING", ""),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--fail-fatal", default=os.environ.get("ASCENDRA_TEST_FAIL_FATAL", ""), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
