@@ -39,7 +39,7 @@ from ascendra.messages import (
     encode,
 )
 from ascendra.perf_model import BatchShape, PerfModel
-from workers.device import set_device
+from workers.device import is_fatal_device_error, set_device
 from workers.engine import Engine, EngineConfig, StepResult
 from workers.kv_pool import MAX_COPY_BYTES, PeerPool
 from workers.migration import Migrations
@@ -234,7 +234,7 @@ class Worker:
             self._use_perf_model()
         except Exception as exc:
             log.exception("worker %d failed to start", self.worker_id)
-            self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
+            self._send(WorkerFailed(self.worker_id, f"failed to start: {type(exc).__name__}: {exc}"))
             return 1
         self._send(self._registration())
         last_check = time.monotonic()
@@ -259,7 +259,8 @@ class Worker:
                     self._send_step(None)
         except Exception as exc:
             log.exception("worker %d crashed", self.worker_id)
-            self._send(WorkerFailed(self.worker_id, f"worker crashed: {exc!r}"))
+            what = "fatal device error" if is_fatal_device_error(exc) else "worker crashed"
+            self._send(WorkerFailed(self.worker_id, f"{what}: {exc}"))
             return 1
         finally:
             self.close()
@@ -314,7 +315,7 @@ class Worker:
         except Exception as exc:  # a broken peer mapping must not take the worker down
             log.exception("migration step %s failed", type(msg).__name__)
             m.abort(msg.request_id)
-            return MigrationUpdate(msg.request_id, "failed", error=f"{type(msg).__name__} failed: {exc!r}")
+            return MigrationUpdate(msg.request_id, "failed", error=f"{type(msg).__name__} failed: {type(exc).__name__}: {exc}")
         raise TypeError(f"unexpected message {msg!r}")
 
     def _send_step(self, result: StepResult | None) -> None:
