@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
-import msgspec
 import pytest
 import torch
 
-from ascendra.messages import AddRequest, PoolHandle, SamplingParams, encode, worker_decoder, Register, ModelInfo
+from ascendra.messages import (
+    AddRequest,
+    ModelInfo,
+    PoolHandle,
+    Register,
+    SamplingParams,
+    encode,
+    worker_decoder,
+)
 from tests.runtime_utils import greedy, make_engine, run_all, runner_for
 from workers.attention import choose_kernel, decode_groups, default_block_size
 from workers.device import FatalDeviceError, StepEvent, is_fatal_device_error
@@ -256,7 +264,7 @@ def test_pool_handle_carries_no_pickled_bytes():
     assert "ipc" not in PoolHandle.__struct_fields__
     import workers.kv_pool as kv
 
-    assert "pickle" not in open(kv.__file__).read()
+    assert "pickle" not in Path(kv.__file__).read_text()
 
 
 # ---------------------------------------------------------------- item 2: GPU memory split

@@ -10,7 +10,13 @@ import time
 
 import zmq
 
-from ascendra.messages import Register, StepOutput, WorkerMessage, encode, worker_decoder
+from ascendra.messages import (
+    Register,
+    StepOutput,
+    WorkerMessage,
+    encode,
+    worker_decoder,
+)
 
 
 class WorkerDriver:

@@ -15,7 +15,12 @@ from ascendra.block_manager import BlockManager, blocks_for
 from ascendra.messages import AddRequest, RequestOutput, RequestState
 from ascendra.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ascendra.sequence import Sequence
-from workers.device import FatalDeviceError, StepEvent, is_fatal_device_error, timed_clock
+from workers.device import (
+    FatalDeviceError,
+    StepEvent,
+    is_fatal_device_error,
+    timed_clock,
+)
 from workers.kv_pool import KVPool
 from workers.sampler import Sampler, SamplingError
 

@@ -11,7 +11,7 @@ import torch
 
 from ascendra.block_manager import blocks_for
 from ascendra.messages import KVSource, MigrationUpdate, RequestState
-from ascendra.sequence import Sequence, SeqStatus
+from ascendra.sequence import SeqStatus, Sequence
 from workers.device import StepEvent, synchronize, timed_clock
 from workers.engine import Engine
 from workers.kv_pool import copy_blocks

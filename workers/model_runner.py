@@ -212,7 +212,7 @@ class ModelRunner:
         last = self.final_norm(h.index_select(0, inputs.logits_rows))
         return F.linear(last, self.lm_head).float()
 
-    def _prepare(self, batch: list[ScheduledSeq], block_size: int) -> "_Inputs":
+    def _prepare(self, batch: list[ScheduledSeq], block_size: int) -> _Inputs:
         # Prefill chunks first, then decodes: decodes then form one contiguous run of rows.
         # A one-token step with context is a decode as far as attention goes.
         prefills = [s for s in batch if s.num_tokens > 1 or s.context_len == 0]
