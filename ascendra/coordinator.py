@@ -56,7 +56,8 @@ class CoordinatorConfig:
     chunk_size: int = 512
     max_num_seqs: int = 128
     num_blocks: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # None: each worker picks by device and attention kernel
+    gpu_memory_utilization: float = 0.9  # CUDA: of each device's total memory, split between its workers
     max_model_len: int | None = None
     fake_model: bool = False
     fake_step_time: float = 0.0
@@ -289,7 +290,7 @@ class Coordinator:
             "--policy", w.spec.policy,
             "--model", c.model_path,
             "--model-name", c.model_name,
-            "--block-size", str(c.block_size),
+            "--block-size", str(c.block_size or "auto"),
             "--chunk-size", str(c.chunk_size),
             "--max-num-seqs", str(c.max_num_seqs),
             "--parent-pid", str(os.getpid()),
@@ -298,6 +299,10 @@ class Coordinator:
         if w.device == "cpu" and not c.fake_model:
             # Split the cores between CPU workers instead of letting each torch take all of them.
             cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(self.workers)))]
+        if w.device.startswith("cuda"):
+            share = sum(o.device == w.device for o in self.workers)
+            cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization), "--device-share", str(share),
+                    "--num-peers", str(len(self.workers) - 1)]
         if c.num_blocks is not None:
             cmd += ["--num-blocks", str(c.num_blocks)]
         if c.max_model_len is not None:

@@ -95,6 +95,17 @@ class RequestState(msgspec.Struct, frozen=True):
 #   source  <- MigrateRelease : free everything the request held
 # MigrateCancel undoes whatever the receiving side holds (the source resumes the request).
 # A request that has not started moves without KV: MigrateOut answers stage "moved".
+#
+# Ordering on an asynchronous device (CUDA), so no block is read before it is written or
+# reused before it is read:
+# - The source records an event after each step's KV writes. Before it answers "snapshot" or
+#   "frozen" it waits on that event: every block it names is fully written on its device.
+# - The destination's copy is queued on its own stream; it waits for the copy to finish
+#   (an event recorded after the copy, then synchronised) before it answers "precopied" or
+#   "committed". Only then may the coordinator send MigrateRelease, so the source never frees
+#   (and reuses) a block that a copy may still be reading.
+# On CPU every copy and write has finished when its call returns; the same calls run there,
+# on a host-side stand-in for the event.
 
 
 class MigrateOut(msgspec.Struct, tag="migrate_out", frozen=True):
@@ -133,11 +144,28 @@ CoordinatorMessage = (
 # ---------------------------------------------------------------- worker -> coordinator
 
 
+class CudaIpc(msgspec.Struct, frozen=True):
+    """The values torch's ``reduce_tensor`` exports for a CUDA tensor, as plain fields, so the
+    receiver rebuilds the tensor with ``rebuild_cuda_tensor`` and never unpickles relayed bytes."""
+
+    size: list[int]
+    stride: list[int]
+    offset: int  # tensor offset in its storage, in elements
+    device_index: int
+    storage_handle: bytes  # cudaIpcMemHandle of the allocation holding the storage
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
 class PoolHandle(msgspec.Struct, frozen=True):
     """How another process on this node can map a worker's KV pool.
 
     kind "shm": a named POSIX shared-memory segment holding the pool (CPU).
-    kind "cuda": ``ipc`` holds the pickled ``reduce_tensor`` payload (CUDA IPC).
+    kind "cuda": ``cuda`` holds the CUDA IPC fields of the pool tensor.
     kind "none": the pool cannot be shared (e.g. the fake model).
     """
 
@@ -146,7 +174,7 @@ class PoolHandle(msgspec.Struct, frozen=True):
     shape: list[int]  # layers, 2 (K/V), blocks, block_size, kv_heads, head_dim
     dtype: str  # torch dtype name without the "torch." prefix
     device: str
-    ipc: bytes = b""
+    cuda: CudaIpc | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

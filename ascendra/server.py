@@ -67,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one worker's batch")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV cache blocks per worker (default: the worker sizes its pool itself)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: 256 on CUDA with fp16/bf16 when flash-attn is installed, "
+                        "as its paged kernel reads the pool in place only with pages of a multiple of 256; "
+                        "else 16, and attention copies K/V out of the pool: the fallback path)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: fraction of each GPU's total memory used by the workers on it together "
+                        "(weights, activations, KV pool), split evenly between them; room for migration "
+                        "peers is kept inside it")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's limit)")
     p.add_argument("--fake-model", action="store_true",
@@ -152,6 +159,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         num_blocks=args.num_blocks,
         block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         fake_model=args.fake_model,
         fake_step_time=args.fake_step_time,

@@ -74,7 +74,7 @@ def test_copy_blocks_between_two_processes_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA IPC)")
 def test_copy_blocks_between_two_processes_cuda_ipc():
     handle = _copy_across_processes("cuda:0")
-    assert handle.kind == "cuda" and handle.ipc
+    assert handle.kind == "cuda" and handle.cuda is not None and handle.cuda.storage_handle
 
 
 def test_pool_close_unlinks_segment():

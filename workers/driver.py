@@ -10,11 +10,18 @@ import time
 
 import zmq
 
-from ascendra.messages import Register, StepOutput, WorkerMessage, encode, worker_decoder
+from ascendra.messages import (
+    Register,
+    StepOutput,
+    WorkerMessage,
+    encode,
+    worker_decoder,
+)
 
 
 class WorkerDriver:
-    def __init__(self, model_path: str, *extra: str, worker_ids=(0,), parent_pid: int | None = None) -> None:
+    def __init__(self, model_path: str, *extra: str, worker_ids=(0,), parent_pid: int | None = None,
+                 stderr_to_file: bool = False) -> None:
         self.tmp = tempfile.mkdtemp(prefix="ascendra-test-")
         self.addr = f"ipc://{self.tmp}/coord.sock"
         self.ctx = zmq.Context()
@@ -28,7 +35,13 @@ class WorkerDriver:
                    "--model", model_path, *extra]
             if parent_pid is not None:
                 cmd += ["--parent-pid", str(parent_pid)]
-            self.procs[wid] = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            err = open(self.stderr_path(wid), "wb") if stderr_to_file else None
+            self.procs[wid] = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=err)
+            if err is not None:
+                err.close()
+
+    def stderr_path(self, worker_id: int) -> str:
+        return os.path.join(self.tmp, f"worker{worker_id}.stderr")
 
     def wait_registered(self, timeout: float = 120.0) -> dict[int, Register]:
         deadline = time.monotonic() + timeout

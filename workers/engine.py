@@ -15,8 +15,14 @@ from ascendra.block_manager import BlockManager, blocks_for
 from ascendra.messages import AddRequest, RequestOutput, RequestState
 from ascendra.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ascendra.sequence import Sequence
+from workers.device import (
+    FatalDeviceError,
+    StepEvent,
+    is_fatal_device_error,
+    timed_clock,
+)
 from workers.kv_pool import KVPool
-from workers.sampler import Sampler
+from workers.sampler import Sampler, SamplingError
 
 
 @dataclass
@@ -62,6 +68,13 @@ class Engine:
         self.sampler = Sampler(runner.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self.device = torch.device(getattr(runner, "device", "cpu"))
+        # Recorded after each step's KV writes are queued; a migration waits on it before it
+        # lets another process read blocks of this pool (see workers/migration.py).
+        self.kv_written = StepEvent(self.device)
+        # Test-only: request ids whose step raises a fatal device error (tools and tests
+        # exercise the worker's exit path on CPU with it).
+        self.fatal_request_ids: set[str] = set()
 
     # ---- requests in and out
     def add_request(self, req: AddRequest) -> RequestOutput | None:
@@ -160,18 +173,26 @@ class Engine:
                 result.num_prefill_tokens += s.num_tokens
                 result.prefill_context_tokens += s.context_len + s.num_tokens
                 result.prefill_attention_pairs += s.num_tokens * (s.context_len + s.num_tokens)
-        start = time.perf_counter()
+        start = timed_clock(self.device)
         try:
             tokens = self._forward(sched)
-        except Exception as exc:  # fail this batch's requests, keep the worker serving
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise  # the device is unusable: the worker exits and the coordinator marks it down
+            # A failure of the forward itself cannot be pinned on one request: fail this batch.
+            self.kv_written.record()
             for s in sched.scheduled:
                 self.requests.pop(s.seq.request_id, None)
+                self._generators.pop(s.seq.request_id, None)
                 self.scheduler.remove(s.seq)
                 result.outputs.append(RequestOutput(
-                    s.seq.request_id, finish_reason="error", error=f"model step failed: {exc!r}"))
-            result.step_time = time.perf_counter() - start
+                    s.seq.request_id, finish_reason="error", error=f"model step failed: {type(exc).__name__}: {exc}"))
+            result.step_time = timed_clock(self.device) - start
             return result
-        result.step_time = time.perf_counter() - start
+        self.kv_written.record()
+        # Sampling ended in a device -> host copy, but a step that samples nothing did not:
+        # the clock waits for the device, so step times measure execution, not launch.
+        result.step_time = timed_clock(self.device) - start
         self.scheduler.commit(sched)
         done = time.monotonic()
         sampled = iter(tokens)
@@ -180,6 +201,13 @@ class Engine:
                 continue
             seq = s.seq
             token = next(sampled)
+            if isinstance(token, SamplingError):  # this request alone fails
+                self.requests.pop(seq.request_id, None)
+                self._generators.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+                result.outputs.append(RequestOutput(seq.request_id, finish_reason="error", error=str(token),
+                                                    num_prompt_tokens=seq.num_prompt_tokens))
+                continue
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = done
@@ -195,9 +223,12 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def _forward(self, sched: SchedulerOutput) -> list[int]:
+    def _forward(self, sched: SchedulerOutput) -> list[int | SamplingError]:
         batch = sched.scheduled
         sampling = [s for s in batch if s.samples]
+        for s in batch:
+            if s.seq.request_id in self.fatal_request_ids or "*" in self.fatal_request_ids:
+                raise FatalDeviceError("CUDA error: an illegal memory access was encountered (injected)")
         if hasattr(self.runner, "next_tokens"):  # the fake model picks tokens without logits
             return self.runner.next_tokens(sampling)
         logits = self.runner.execute(batch, self.pool)
@@ -206,6 +237,7 @@ class Engine:
             [s.seq.sampling for s in sampling],
             [s.seq.num_output_tokens for s in sampling],
             [self._generators.get(s.seq.request_id) for s in sampling],
+            [s.seq.request_id for s in sampling],
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

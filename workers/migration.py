@@ -7,13 +7,12 @@ cancel, the request finishing or being aborted meanwhile) gives back every block
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ascendra.block_manager import blocks_for
 from ascendra.messages import KVSource, MigrationUpdate, RequestState
-from ascendra.sequence import Sequence, SeqStatus
+from ascendra.sequence import SeqStatus, Sequence
+from workers.device import StepEvent, synchronize, timed_clock
 from workers.engine import Engine
 from workers.kv_pool import copy_blocks
 
@@ -25,6 +24,9 @@ class Migrations:
         self.snapshots: dict[str, list[int]] = {}  # source: blocks held by an extra reference
         self.frozen: dict[str, Sequence] = {}  # source: requests paused for the final copy
         self.incoming: dict[str, tuple[list[int], int]] = {}  # dest: (blocks, tokens) pre-copied
+        # Destination: recorded after each copy and waited on before answering, so the
+        # coordinator never hears "precopied"/"committed" while the copy may still be reading.
+        self.copied = StepEvent(engine.device)
 
     # ---------------------------------------------------------------- source side
     def migrate_out(self, rid: str) -> MigrationUpdate:
@@ -44,6 +46,7 @@ class Migrations:
         e.blocks.incref(snap)
         self._drop_snapshot(rid)
         self.snapshots[rid] = snap
+        e.kv_written.synchronize()  # the blocks named below are written before anyone reads them
         return MigrationUpdate(rid, "snapshot", source=self._source(snap, full * e.blocks.block_size))
 
     def freeze(self, rid: str) -> MigrationUpdate:
@@ -56,6 +59,7 @@ class Migrations:
         self.frozen[rid] = seq
         n = seq.num_computed_tokens
         blocks = seq.block_table[: blocks_for(n, e.blocks.block_size)]
+        e.kv_written.synchronize()
         return MigrationUpdate(rid, "frozen", state=self._state(seq), source=self._source(blocks, n))
 
     def release(self, rid: str) -> MigrationUpdate:
@@ -84,10 +88,9 @@ class Migrations:
         if n + 2 > e.blocks.num_free or rid in e.requests or rid in self.incoming:
             return MigrationUpdate(rid, "failed", error=f"no room: {e.blocks.num_free} blocks free, need {n + 2}")
         blocks = e.blocks.allocate(n)
-        start = time.perf_counter()
-        copy_blocks(e.pool.tensor, peer, source.block_ids, blocks)
+        copy_time = self._copy(peer, source.block_ids, blocks)
         self.incoming[rid] = (blocks, source.num_tokens)
-        return MigrationUpdate(rid, "precopied", blocks_copied=n, copy_time=time.perf_counter() - start)
+        return MigrationUpdate(rid, "precopied", blocks_copied=n, copy_time=copy_time)
 
     def commit(self, state: RequestState, source: KVSource, peer: torch.Tensor) -> MigrationUpdate:
         e = self.engine
@@ -104,9 +107,7 @@ class Migrations:
             e.blocks.free(keep)
             return MigrationUpdate(rid, "failed", error="no room for the last blocks")
         rest = e.blocks.allocate(missing)
-        start = time.perf_counter()
-        copy_blocks(e.pool.tensor, peer, source.block_ids[len(keep):need], rest)
-        copy_time = time.perf_counter() - start
+        copy_time = self._copy(peer, source.block_ids[len(keep):need], rest)
         seq = e.restore(state, keep + rest)
         seq.num_computed_tokens = state.num_computed_tokens
         return MigrationUpdate(rid, "committed", blocks_copied=missing, copy_time=copy_time)
@@ -115,6 +116,17 @@ class Migrations:
         blocks, _ = self.incoming.pop(rid, ([], 0))
         self.engine.blocks.free(blocks)
         return MigrationUpdate(rid, "cancelled")
+
+    def _copy(self, peer: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> float:
+        """Copy blocks out of a peer's pool; returns when the copy has finished (seconds taken)."""
+        dev = self.engine.device
+        start = timed_clock(dev)
+        copy_blocks(self.engine.pool.tensor, peer, src_ids, dst_ids)
+        self.copied.record()
+        self.copied.synchronize()
+        if peer.device != dev:  # the gather ran on the peer's device, in this process's stream there
+            synchronize(peer.device)
+        return timed_clock(dev) - start
 
     # ---------------------------------------------------------------- helpers
     def abort(self, rid: str) -> bool:

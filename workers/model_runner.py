@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 from ascendra.messages import ModelInfo
 from ascendra.scheduler import ScheduledSeq
-from workers.attention import AttentionMetadata, PrefillChunk, flash_attn_available, paged_attention
+from workers.attention import (
+    DECODE_GATHER_TOKENS,
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillChunk,
+    choose_kernel,
+    decode_groups,
+    paged_attention,
+)
 from workers.kv_pool import KVPool, dtype_name
 
 
@@ -86,20 +94,25 @@ class ModelRunner:
         self.final_norm = inner.norm
         self.lm_head = hf.lm_head.weight
         self.layers: list[_Layer] = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-            self.layers.append(
-                _Layer(
-                    input_norm=layer.input_layernorm,
-                    qkv_weight=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    qkv_bias=torch.cat(biases) if biases[0] is not None else None,
-                    o_weight=attn.o_proj.weight,
-                    post_norm=layer.post_attention_layernorm,
-                    gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down_weight=mlp.down_proj.weight,
+        # Fuse without autograd: a fused tensor with a grad_fn would keep the q/k/v and
+        # gate/up originals alive through its graph, and the weights would be held twice.
+        with torch.no_grad():
+            for layer in inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+                self.layers.append(
+                    _Layer(
+                        input_norm=layer.input_layernorm,
+                        qkv_weight=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                        qkv_bias=torch.cat(biases) if biases[0] is not None else None,
+                        o_weight=attn.o_proj.weight.detach(),
+                        post_norm=layer.post_attention_layernorm,
+                        gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                        down_weight=mlp.down_proj.weight.detach(),
+                    )
                 )
-            )
+                # Drop the originals layer by layer, so peak memory is one layer above the model.
+                del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
         self.intermediate = self.layers[0].down_weight.shape[1]
         # Rotary tables for every position, from transformers' own rotary module (rope
         # scaling variants included), so positions match the reference exactly.
@@ -109,7 +122,43 @@ class ModelRunner:
             cos, sin = inner.rotary_emb(probe, pos)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         del inner.layers  # the fused copies above replace them
-        self.use_flash = flash_attn_available(device)
+        self.decode_gather_tokens = DECODE_GATHER_TOKENS  # bound on one padded SDPA decode call
+        for module in (self.embed, self.final_norm, *(m for l in self.layers for m in (l.input_norm, l.post_norm))):
+            module.requires_grad_(False)
+
+    def kernel(self, block_size: int) -> str:
+        """The attention kernel this runner uses with pools of ``block_size``-token blocks."""
+        return choose_kernel(self.device.type, self.dtype, block_size)
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the runner holds for the model, and any its autograd graph keeps alive."""
+        roots = [self.lm_head]
+        for m in (self.embed, self.final_norm):
+            roots += list(m.parameters()) + list(m.buffers())
+        for l in self.layers:
+            roots += [l.qkv_weight, l.o_weight, l.gate_up_weight, l.down_weight]
+            roots += [t for t in (l.qkv_bias,) if t is not None]
+            for m in (l.input_norm, l.post_norm):
+                roots += list(m.parameters())
+        out, seen, stack = [], set(), [t.grad_fn for t in roots if t.grad_fn is not None]
+        out.extend(roots)
+        while stack:  # walk grad_fn graphs: AccumulateGrad nodes hold the leaves they feed
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            if hasattr(fn, "variable"):
+                out.append(fn.variable)
+            stack.extend(f for f, _ in fn.next_functions)
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes of distinct storages behind ``weight_tensors`` (memory the weights really hold)."""
+        storages = {}
+        for t in self.weight_tensors():
+            st = t.untyped_storage()
+            storages[(st.device, st.data_ptr())] = st.nbytes()
+        return sum(storages.values())
 
     # ---- sizing
     def kv_bytes_per_token(self) -> int:
@@ -121,6 +170,20 @@ class ModelRunner:
             self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim,
             self.dtype, self.device, shareable=shareable,
         )
+
+    def warm_up(self, block_size: int, num_tokens: int) -> None:
+        """Run one prefill of ``num_tokens`` on a scratch pool: the allocator's peak then holds a
+        full step's activations, so the KV pool can be sized from what is left."""
+        from ascendra.messages import SamplingParams
+        from ascendra.sequence import Sequence
+
+        num_tokens = max(1, min(num_tokens, self.max_model_len - 1))
+        blocks = -(-num_tokens // block_size)
+        pool = self.make_pool(blocks, block_size, shareable=False)
+        seq = Sequence("warm-up", [1] * num_tokens, SamplingParams(max_tokens=1), 0.0)
+        seq.block_table = list(range(blocks))
+        self.execute([ScheduledSeq(seq, num_tokens, 0)], pool)
+        pool.close()
 
     # ---- forward
     @torch.inference_mode()
@@ -149,19 +212,20 @@ class ModelRunner:
         last = self.final_norm(h.index_select(0, inputs.logits_rows))
         return F.linear(last, self.lm_head).float()
 
-    def _prepare(self, batch: list[ScheduledSeq], block_size: int) -> "_Inputs":
+    def _prepare(self, batch: list[ScheduledSeq], block_size: int) -> _Inputs:
         # Prefill chunks first, then decodes: decodes then form one contiguous run of rows.
         # A one-token step with context is a decode as far as attention goes.
         prefills = [s for s in batch if s.num_tokens > 1 or s.context_len == 0]
         decodes = [s for s in batch if s.num_tokens == 1 and s.context_len > 0]
         order = prefills + decodes
+        kernel = self.kernel(block_size)
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         last_row: dict[int, int] = {}
-        chunks: list[PrefillChunk] = []
-        for i, s in enumerate(order):
-            start = len(token_ids)
+        starts: list[int] = []
+        for s in order:
+            starts.append(len(token_ids))
             table = s.seq.block_table
             end = s.context_len + s.num_tokens
             token_ids.extend(s.seq.token_ids[s.context_len : end])
@@ -169,58 +233,71 @@ class ModelRunner:
                 positions.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
             last_row[id(s)] = len(token_ids) - 1
-            if i < len(prefills):
-                chunks.append(
-                    PrefillChunk(
-                        start=start,
-                        num_tokens=s.num_tokens,
-                        context_len=s.context_len,
-                        block_ids=_long(table[: -(-end // block_size)], self.device),
-                    )
-                )
         # Logits come back in the order of `batch`, one row per request that samples.
         logits_rows = [last_row[id(s)] for s in batch if s.samples]
-        dev = self.device
-        attn = AttentionMetadata(
-            block_size=block_size,
-            prefills=chunks,
-            decode_start=len(token_ids) - len(decodes),
-            num_decodes=len(decodes),
-            decode_block_table=None,
-            decode_mask=None,
-        )
-        if self.use_flash:
-            self._flash_metadata(attn, order, block_size)
-        elif decodes:
-            lens = [s.context_len + 1 for s in decodes]
-            width = -(-max(lens) // block_size)
-            table = [s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width])) for s in decodes]
-            attn.decode_block_table = _long(table, dev)
-            cols = torch.arange(width * block_size, device=dev)
-            attn.decode_mask = (cols[None, :] < _long(lens, dev)[:, None]).view(len(decodes), 1, 1, -1)
-        inputs = _Inputs(
-            token_ids=_long(token_ids, dev),
-            positions=_long(positions, dev),
-            slots=_long(slots, dev),
-            logits_rows=_long(logits_rows, dev),
+
+        # Every integer the step needs goes to the device in one (pinned) transfer.
+        pack = _Pack()
+        h_tokens, h_positions, h_slots, h_rows = (pack.add(x) for x in (token_ids, positions, slots, logits_rows))
+        h_chunk_blocks = [pack.add(s.seq.block_table[: -(-(s.context_len + s.num_tokens) // block_size)])
+                          for s in prefills]
+        attn = AttentionMetadata(block_size=block_size, prefills=[], decode_start=len(token_ids) - len(decodes),
+                                 num_decodes=len(decodes), kernel=kernel)
+        lens = [s.context_len + 1 for s in decodes]
+        extra: dict[str, object] = {}
+        if kernel == "flash_varlen":
+            gather: list[int] = []
+            cu_q, cu_k = [0], [0]
+            for s in order:
+                total = s.context_len + s.num_tokens
+                table = s.seq.block_table
+                gather.extend(table[p // block_size] * block_size + p % block_size for p in range(total))
+                cu_q.append(cu_q[-1] + s.num_tokens)
+                cu_k.append(cu_k[-1] + total)
+            extra = {"gather": pack.add(gather), "cu_q": pack.add(cu_q), "cu_k": pack.add(cu_k)}
+            attn.max_seqlen_q = max(s.num_tokens for s in order)
+            attn.max_seqlen_k = max(s.context_len + s.num_tokens for s in order)
+        elif kernel == "flash_paged":
+            extra["pre_len"] = [pack.add([s.context_len + s.num_tokens]) for s in prefills]
+            if decodes:
+                width = max(-(-n // block_size) for n in lens)
+                table = [x for s in decodes for x in _pad(s.seq.block_table[:width], width)]
+                extra["dec_table"], extra["dec_len"], extra["width"] = pack.add(table), pack.add(lens), width
+        else:
+            groups = []
+            for first, count, width in decode_groups(lens, block_size, self.decode_gather_tokens):
+                rows = decodes[first : first + count]
+                table = [x for s in rows for x in _pad(s.seq.block_table[:width], width)]
+                groups.append((first, count, width, pack.add(table), pack.add(lens[first : first + count])))
+            extra["groups"] = groups
+
+        dev = pack.to(self.device)
+        for s, start, h in zip(prefills, starts, h_chunk_blocks):
+            attn.prefills.append(PrefillChunk(start=start, num_tokens=s.num_tokens, context_len=s.context_len,
+                                              block_ids=dev(h)))
+        if kernel == "flash_varlen":
+            attn.gather_slots = dev(extra["gather"])
+            attn.cu_seqlens_q = dev(extra["cu_q"]).to(torch.int32)
+            attn.cu_seqlens_k = dev(extra["cu_k"]).to(torch.int32)
+        elif kernel == "flash_paged":
+            attn.prefill_tables = [c.block_ids.to(torch.int32)[None] for c in attn.prefills]
+            attn.prefill_seqlens = [dev(h).to(torch.int32) for h in extra["pre_len"]]
+            if decodes:
+                attn.decode_table = dev(extra["dec_table"]).view(len(decodes), extra["width"]).to(torch.int32)
+                attn.decode_seqlens = dev(extra["dec_len"]).to(torch.int32)
+        else:
+            for first, count, width, h_table, h_lens in extra["groups"]:
+                cols = torch.arange(width * block_size, device=self.device)
+                mask = (cols[None, :] < dev(h_lens)[:, None]).view(count, 1, 1, -1)
+                attn.decode_groups.append(DecodeGroup(start=attn.decode_start + first, num=count,
+                                                      block_table=dev(h_table).view(count, width), mask=mask))
+        return _Inputs(
+            token_ids=dev(h_tokens),
+            positions=dev(h_positions),
+            slots=dev(h_slots),
+            logits_rows=dev(h_rows),
             attn=attn,
         )
-        return inputs
-
-    def _flash_metadata(self, attn: AttentionMetadata, order: list[ScheduledSeq], block_size: int) -> None:
-        slots: list[int] = []
-        cu_q, cu_k = [0], [0]
-        for s in order:
-            total = s.context_len + s.num_tokens
-            table = s.seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(total))
-            cu_q.append(cu_q[-1] + s.num_tokens)
-            cu_k.append(cu_k[-1] + total)
-        attn.gather_slots = _long(slots, self.device)
-        attn.cu_seqlens_q = torch.tensor(cu_q, dtype=torch.int32, device=self.device)
-        attn.cu_seqlens_k = torch.tensor(cu_k, dtype=torch.int32, device=self.device)
-        attn.max_seqlen_q = max(s.num_tokens for s in order)
-        attn.max_seqlen_k = max(s.context_len + s.num_tokens for s in order)
 
 
 @dataclass
@@ -232,8 +309,29 @@ class _Inputs:
     attn: AttentionMetadata
 
 
-def _long(values, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+class _Pack:
+    """Collects int lists on the host and ships them to the device as one int64 tensor."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def add(self, values: list[int]) -> tuple[int, int]:
+        start = len(self.values)
+        self.values.extend(values)
+        return start, len(self.values)
+
+    def to(self, device: torch.device):
+        pinned = device.type == "cuda"
+        # A pinned source lets the copy run asynchronously; the caching host allocator keeps
+        # the buffer alive until the copy stream has consumed it.
+        host = torch.tensor(self.values, dtype=torch.long, pin_memory=pinned)
+        flat = host.to(device, non_blocking=True) if pinned else host
+        return lambda span: flat[span[0] : span[1]]
+
+
+def _pad(table: list[int], width: int) -> list[int]:
+    return table + [0] * (width - len(table))
+
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

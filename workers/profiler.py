@@ -19,6 +19,12 @@ from ascendra.models import cache_dir
 from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
 from ascendra.scheduler import ScheduledSeq
 from ascendra.sequence import Sequence
+from workers.device import timed_clock
+
+# Timed repetitions per shape after one warm-up run. On CUDA the median of several damps
+# clock and launch jitter; on CPU a call's wall time is its execution time and start-up
+# time on shared boxes matters more.
+PROFILE_REPS = {"cuda": 5, "cpu": 1}
 
 # (prefill chunks as (tokens, context), decodes as context lengths)
 Shape = tuple[list[tuple[int, int]], list[int]]
@@ -92,12 +98,13 @@ def time_shapes(runner, pool, block_size: int, shapes: list[Shape], reps: int = 
             ok &= blocks.grow(s, ctx + 1)
             batch.append(ScheduledSeq(s, 1, ctx))
         if ok:
-            runner.execute(batch, pool)  # warm-up
+            runner.execute(batch, pool)  # warm-up: allocator and kernel selection, not timed
             times = []
             for _ in range(reps):
-                t = time.perf_counter()
+                # Both clock reads wait for the device: the time is execution, not launch.
+                t = timed_clock(pool.device)
                 runner.execute(batch, pool)
-                times.append(time.perf_counter() - t)
+                times.append(timed_clock(pool.device) - t)
             yield shape_of(shape), statistics.median(times)
         for s in seqs:
             blocks.release(s)
@@ -114,7 +121,8 @@ def fit_or_load(runner, pool, device: str, block_size: int, max_tokens: int, log
             pass  # a damaged cache is refitted below
     t0 = time.perf_counter()
     shapes, seconds = [], []
-    for shape, t in time_shapes(runner, pool, block_size, grid(max_tokens, runner.max_model_len), reps=1):
+    for shape, t in time_shapes(runner, pool, block_size, grid(max_tokens, runner.max_model_len),
+                                  reps=PROFILE_REPS.get(pool.device.type, 1)):
         shapes.append(shape)
         seconds.append(t)
     model = PerfModel().fit(shapes, seconds)

@@ -1,4 +1,14 @@
-"""Next-token choice for each request of a batch: greedy, or temperature / top-k / top-p sampling."""
+"""Next-token choice for each request of a batch: greedy, or temperature / top-k / top-p sampling.
+
+One pass over the whole batch: a temperature column, top-k and top-p masks computed for all
+rows at once, one sort, one softmax, and one host transfer of the chosen tokens. Drawing a
+token is torch's own single-sample ``multinomial`` (argmax of p / q with q ~ Exp(1)), so a
+seeded request consumes exactly the random numbers it did when it was sampled on its own;
+only seeded rows draw from their own generator, the others share one draw.
+
+A row that cannot be sampled (non-finite logits, say from a NaN temperature) fails alone:
+its slot in the result holds the error, and its batch-mates get their tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,15 @@ import torch
 from ascendra.messages import SamplingParams
 
 
+class SamplingError(ValueError):
+    """This request's row could not be sampled; the request fails, its batch-mates do not."""
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = eos_token_ids
+        # Test-only fault injection: request ids whose row raises as if its sampling failed.
+        self.fail_request_ids: set[str] = set()
 
     def sample(
         self,
@@ -17,37 +33,89 @@ class Sampler:
         params: list[SamplingParams],
         num_outputs: list[int],  # tokens each request has produced so far
         generators: list[torch.Generator | None],
-    ) -> list[int]:
+        request_ids: list[str] | None = None,
+    ) -> list[int | SamplingError]:
+        n, vocab = logits.shape
+        out: list[int | SamplingError] = [0] * n
+        if n == 0:
+            return out
         self._ban_stops_below_min_tokens(logits, params, num_outputs)
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        out = [0] * len(params)
-        if greedy:
-            ids = logits[greedy].argmax(dim=-1).tolist()
-            for i, t in zip(greedy, ids):
-                out[i] = t
-        for i, p in enumerate(params):
-            if not p.greedy:
-                out[i] = self._sample_row(logits[i], p, generators[i])
+        for i, rid in enumerate(request_ids or []):
+            if rid in self.fail_request_ids or "*" in self.fail_request_ids:
+                out[i] = SamplingError(f"injected sampling fault for request {rid!r}")
+        dev = logits.device
+        greedy = [p.greedy for p in params]
+        choice = logits.argmax(dim=-1)
+        if not all(greedy):
+            temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                 dtype=logits.dtype).to(dev, non_blocking=True)
+            scaled = logits / temps[:, None]
+            scaled = self._top_k(scaled, params, greedy, vocab)
+            probs = torch.softmax(scaled, dim=-1)
+            probs = self._top_p(probs, params, greedy)
+            noise = torch.empty_like(probs)
+            unseeded = [i for i in range(n) if not greedy[i] and generators[i] is None]
+            if unseeded:
+                noise.exponential_(1)
+            for i in range(n):
+                if not greedy[i] and generators[i] is not None:
+                    noise[i].exponential_(1, generator=generators[i])
+            sampled = (probs / noise).argmax(dim=-1)
+            # A usable row has finite, non-negative probabilities with some mass.
+            valid = torch.isfinite(probs).all(-1) & (probs >= 0).all(-1) & (probs.sum(-1) > 0)
+            is_greedy = torch.tensor(greedy).to(dev, non_blocking=True)
+            choice = torch.where(is_greedy, choice, sampled)
+            valid = valid | is_greedy
+        else:
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
+        tokens, ok = torch.stack([choice, valid.long()]).tolist()  # the one device -> host sync
+        for i in range(n):
+            if isinstance(out[i], SamplingError):
+                continue
+            if not ok[i]:
+                p = params[i]
+                out[i] = SamplingError(
+                    f"sampling produced no valid distribution (temperature={p.temperature}, "
+                    f"top_k={p.top_k}, top_p={p.top_p})")
+            else:
+                out[i] = tokens[i]
         return out
 
     def _ban_stops_below_min_tokens(self, logits, params, num_outputs) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
         for i, (p, n) in enumerate(zip(params, num_outputs)):
             if n < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-                if banned:
-                    logits[i, banned] = float("-inf")
+                rows += [i] * len(banned)
+                cols += banned
+        if rows:
+            logits[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
 
     @staticmethod
-    def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-        row = row / p.temperature
-        if 0 < p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+    def _top_k(scaled: torch.Tensor, params, greedy, vocab: int) -> torch.Tensor:
+        ks = [p.top_k if not g and 0 < p.top_k < vocab else 0 for p, g in zip(params, greedy)]
+        kmax = max(ks)
+        if kmax == 0:
+            return scaled
+        # The k-th largest value of each row; rows without top-k keep everything (-inf).
+        top = torch.topk(scaled, kmax, dim=-1).values
+        idx = torch.tensor([max(k, 1) - 1 for k in ks]).to(scaled.device, non_blocking=True)
+        kth = top.gather(1, idx[:, None])
+        off = torch.tensor([k == 0 for k in ks]).to(scaled.device, non_blocking=True)
+        kth = kth.masked_fill(off[:, None], float("-inf"))
+        return scaled.masked_fill(scaled < kth, float("-inf"))
+
+    @staticmethod
+    def _top_p(probs: torch.Tensor, params, greedy) -> torch.Tensor:
+        top_p = [p.top_p if not g else 1.0 for p, g in zip(params, greedy)]
+        if all(t >= 1.0 for t in top_p):
+            return probs
+        # Rows without top-p get an infinite limit: rounding in the cumsum must not trim them.
+        limit = torch.tensor([t if t < 1.0 else float("inf") for t in top_p],
+                             dtype=probs.dtype).to(probs.device, non_blocking=True)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) > limit[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

@@ -39,8 +39,9 @@ from ascendra.messages import (
     encode,
 )
 from ascendra.perf_model import BatchShape, PerfModel
+from workers.device import is_fatal_device_error, set_device
 from workers.engine import Engine, EngineConfig, StepResult
-from workers.kv_pool import PeerPool
+from workers.kv_pool import MAX_COPY_BYTES, PeerPool
 from workers.migration import Migrations
 
 log = logging.getLogger("ascendra.worker")
@@ -59,9 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-name", default=None, help="name to report (default: the directory name)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides --kv-fraction)")
     p.add_argument("--kv-fraction", type=float, default=None,
-                   help="size the pool as this fraction of device memory (default: 0.05 of RAM on CPU, "
-                        "0.85 of free GPU memory after the weights)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+                   help="CPU: size the pool as this fraction of RAM (default 0.05)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: fraction of the device's total memory that the workers sharing it use "
+                        "together (weights, activations and KV pool), split evenly between them")
+    p.add_argument("--device-share", type=int, default=1,
+                   help="CUDA: how many workers share this device (each gets 1/N of the utilization)")
+    p.add_argument("--num-peers", type=int, default=0,
+                   help="CUDA: other workers that may map this pool during migration (room is kept for "
+                        "their CUDA contexts and copy buffers on this device)")
+    p.add_argument("--block-size", default="auto",
+                   help="tokens per KV block, or auto: 256 on CUDA with fp16/bf16 when flash-attn's paged "
+                        "kernel is installed (it needs pages of a multiple of 256), else 16")
     p.add_argument("--chunk-size", type=int, default=512, help="token budget per iteration (sarathi, lp, hp)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one batch")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
@@ -74,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", default="auto", choices=["auto", "off"],
                    help="fit the step-time model on this device at start (auto: reuse the cached fit if any)")
     p.add_argument("--scatter-blocks", type=int, default=None, help="shuffle the free block list with this seed")
+    # Test-only fault injection: request ids, comma separated ("*": any). Environment defaults
+    # let a test reach workers that a server starts.
+    p.add_argument("--fail-sampling", default=os.environ.get("ASCENDRA_TEST_FAIL_SAMPLING", ""),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--fail-fatal", default=os.environ.get("ASCENDRA_TEST_FAIL_FATAL", ""), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -99,6 +114,7 @@ def _alive(pid: int) -> bool:
 
 def build_engine(args: argparse.Namespace) -> Engine:
     device = torch.device(args.device)
+    set_device(device)  # before any CUDA allocation: kernels, events and IPC land on this GPU
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     if args.fake_model:
         from workers.fake_runner import FakeRunner
@@ -109,12 +125,13 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         runner = ModelRunner(args.model, name, device, dtype, args.max_model_len)
-    num_blocks = args.num_blocks or _blocks_from_fraction(runner, args, device)
-    return Engine(
+    block_size = resolve_block_size(args.block_size, runner, device)
+    num_blocks = args.num_blocks or _blocks_from_fraction(runner, args, device, block_size)
+    engine = Engine(
         runner,
         EngineConfig(
             num_blocks=num_blocks,
-            block_size=args.block_size,
+            block_size=block_size,
             policy=args.policy,
             chunk_size=args.chunk_size,
             max_num_seqs=args.max_num_seqs,
@@ -123,15 +140,55 @@ def build_engine(args: argparse.Namespace) -> Engine:
             share_pool=not args.fake_model,
         ),
     )
+    engine.sampler.fail_request_ids = {r for r in args.fail_sampling.split(",") if r}
+    engine.fatal_request_ids = {r for r in args.fail_fatal.split(",") if r}
+    return engine
 
 
-def _blocks_from_fraction(runner, args: argparse.Namespace, device: torch.device) -> int:
+def resolve_block_size(value: str | int, runner, device: torch.device) -> int:
+    if str(value) != "auto":
+        return int(value)
+    from workers.attention import default_block_size
+
+    return default_block_size(device.type, getattr(runner, "dtype", torch.float32))
+
+
+# A process's CUDA context and allocator slack, which torch's counters do not see.
+CUDA_CONTEXT_BYTES = 512 << 20
+
+
+def gpu_pool_bytes(total: int, utilization: float, share: int, own_bytes: int, num_peers: int,
+                   copy_bytes: int = MAX_COPY_BYTES, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+    """KV pool bytes for one of ``share`` workers on a device of ``total`` bytes.
+
+    vLLM's convention: the workers on a device together use ``utilization`` of its total
+    memory. Each worker's share is fixed up front, from totals and its own usage only, so
+    workers starting at the same time cannot race for what another has not yet taken.
+    From the share come off this process's own use (weights, activation peak, its CUDA
+    context) and room for each peer that may map this pool during a migration: the peer's
+    CUDA context on this device and its bounded copy buffer (a consumer gathers blocks on
+    the producer's GPU).
+    """
+    budget = total * utilization / max(1, share)
+    reserve = num_peers * (context_bytes + copy_bytes)
+    return max(0, int(budget - own_bytes - context_bytes - reserve))
+
+
+def _blocks_from_fraction(runner, args: argparse.Namespace, device: torch.device, block_size: int) -> int:
     if args.fake_model:
         return 4096
-    per_block = runner.kv_bytes_per_token() * args.block_size
+    per_block = runner.kv_bytes_per_token() * block_size
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free * (args.kv_fraction or 0.85)
+        _, total = torch.cuda.mem_get_info(device)
+        runner.warm_up(block_size, args.chunk_size)  # activation peak of the largest step, before the pool exists
+        own = torch.cuda.max_memory_reserved(device)
+        budget = gpu_pool_bytes(total, args.gpu_memory_utilization, args.device_share, own, args.num_peers)
+        if budget < per_block:
+            raise RuntimeError(
+                f"no GPU memory left for the KV pool on {device}: {args.gpu_memory_utilization} of "
+                f"{total / 2**30:.1f} GiB split between {args.device_share} worker(s) is "
+                f"{total * args.gpu_memory_utilization / args.device_share / 2**30:.1f} GiB, and this worker "
+                f"already uses {own / 2**30:.1f} GiB; raise --gpu-memory-utilization or start fewer instances")
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         budget = total * (args.kv_fraction or 0.05)
@@ -160,7 +217,8 @@ class Worker:
 
     # ---- peer pools (escalation copies KV blocks straight out of another worker's pool)
     def peer_pool(self, handle: PoolHandle) -> PeerPool:
-        key = f"{handle.kind}:{handle.name}:{hash(handle.ipc)}"
+        ipc = handle.cuda
+        key = f"{handle.kind}:{handle.name}:{ipc.storage_handle.hex() if ipc else ''}"
         peer = self.peers.get(key)
         if peer is None:
             peer = self.peers[key] = PeerPool(handle, torch.device(self.args.device))
@@ -176,7 +234,7 @@ class Worker:
             self._use_perf_model()
         except Exception as exc:
             log.exception("worker %d failed to start", self.worker_id)
-            self._send(WorkerFailed(self.worker_id, f"failed to start: {exc!r}"))
+            self._send(WorkerFailed(self.worker_id, f"failed to start: {type(exc).__name__}: {exc}"))
             return 1
         self._send(self._registration())
         last_check = time.monotonic()
@@ -201,7 +259,8 @@ class Worker:
                     self._send_step(None)
         except Exception as exc:
             log.exception("worker %d crashed", self.worker_id)
-            self._send(WorkerFailed(self.worker_id, f"worker crashed: {exc!r}"))
+            what = "fatal device error" if is_fatal_device_error(exc) else "worker crashed"
+            self._send(WorkerFailed(self.worker_id, f"{what}: {exc}"))
             return 1
         finally:
             self.close()
@@ -256,7 +315,7 @@ class Worker:
         except Exception as exc:  # a broken peer mapping must not take the worker down
             log.exception("migration step %s failed", type(msg).__name__)
             m.abort(msg.request_id)
-            return MigrationUpdate(msg.request_id, "failed", error=f"{type(msg).__name__} failed: {exc!r}")
+            return MigrationUpdate(msg.request_id, "failed", error=f"{type(msg).__name__} failed: {type(exc).__name__}: {exc}")
         raise TypeError(f"unexpected message {msg!r}")
 
     def _send_step(self, result: StepResult | None) -> None:
@@ -351,15 +410,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("ASCENDRA_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
     _die_with_parent()
-    # SIGTERM / SIGINT unwind through `finally`, so the shared-memory pool is unlinked.
+    # SIGTERM / SIGINT unwind through `finally`, so the shared-memory pool is unlinked. The
+    # first one is enough: later ones (the parent-death signal arriving after the parent
+    # poll already ended the loop, a second kill) are ignored, so they cannot interrupt the
+    # clean-up or the interpreter's atexit handlers with a SystemExit traceback.
     def _stop(signum, frame):
+        _ignore_stop_signals()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Worker(args).run()
+    try:
+        return Worker(args).run()
+    finally:
+        _ignore_stop_signals()
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
