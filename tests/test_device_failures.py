@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import pid_alive, wait_until
 from tests.server_harness import ServerProcess
+
+pytestmark = pytest.mark.e2e
 
 
 def test_fatal_device_error_marks_the_worker_down(monkeypatch):

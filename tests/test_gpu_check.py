@@ -14,6 +14,7 @@ from tools.gpu_check import Check, render, summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only report")
+@pytest.mark.e2e
 def test_gpu_check_runs_on_a_cpu_only_box():
     proc = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--quick", "--skip-server"],
                           capture_output=True, text=True, timeout=900, check=False)

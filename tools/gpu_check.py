@@ -222,7 +222,8 @@ def migration_roundtrip(runner_src: ModelRunner, runner_dst: ModelRunner, block_
     while dst.has_work():
         for o in dst.step().outputs:
             tokens.extend(o.new_token_ids)
-    src.close(); dst.close()
+    src.close()
+    dst.close()
     return {"stages": [snap.stage, pre.stage, frozen.stage, commit.stage], "blocks_equal": equal,
             "output_equal": tokens == want, "source_blocks_reused": reused}
 

@@ -123,7 +123,8 @@ class ModelRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         del inner.layers  # the fused copies above replace them
         self.decode_gather_tokens = DECODE_GATHER_TOKENS  # bound on one padded SDPA decode call
-        for module in (self.embed, self.final_norm, *(m for l in self.layers for m in (l.input_norm, l.post_norm))):
+        for module in (self.embed, self.final_norm,
+                       *(m for layer in self.layers for m in (layer.input_norm, layer.post_norm))):
             module.requires_grad_(False)
 
     def kernel(self, block_size: int) -> str:
@@ -135,10 +136,10 @@ class ModelRunner:
         roots = [self.lm_head]
         for m in (self.embed, self.final_norm):
             roots += list(m.parameters()) + list(m.buffers())
-        for l in self.layers:
-            roots += [l.qkv_weight, l.o_weight, l.gate_up_weight, l.down_weight]
-            roots += [t for t in (l.qkv_bias,) if t is not None]
-            for m in (l.input_norm, l.post_norm):
+        for layer in self.layers:
+            roots += [layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight]
+            roots += [t for t in (layer.qkv_bias,) if t is not None]
+            for m in (layer.input_norm, layer.post_norm):
                 roots += list(m.parameters())
         out, seen, stack = [], set(), [t.grad_fn for t in roots if t.grad_fn is not None]
         out.extend(roots)
