@@ -49,6 +49,10 @@ class Step:
     def scheduled(self) -> list[ScheduledSeq]:
         return self.sched.scheduled
 
+    @property
+    def is_empty(self) -> bool:
+        return not self.sched.scheduled
+
 
 class Emitted:
     """What committing a step did to one sampling row: its token and, if it ended, why."""
@@ -152,10 +156,9 @@ class Instance:
         return len(self.scheduler.waiting)
 
     # ---- one iteration
-    def plan(self, now: float) -> Step | None:
-        """Schedule the next iteration; None when nothing can run now."""
-        sched = self.scheduler.schedule(now)
-        return Step(sched) if sched.scheduled else None
+    def plan(self, now: float) -> Step:
+        """Schedule the next iteration (an empty step when nothing can run now)."""
+        return Step(self.scheduler.schedule(now))
 
     def complete(self, step: Step, tokens: list[int | None], now: float,
                  errors: dict[int, str] | None = None) -> list[Emitted]:

@@ -37,8 +37,7 @@ class Migrations:
         if not seq.has_started and seq.status is SeqStatus.WAITING:
             # Nothing computed yet: hand the request over as a request.
             state = self._state(seq)
-            e.requests.pop(rid)
-            e.scheduler.remove(seq)
+            e.core.remove(rid)
             e.forget(rid)
             return MigrationUpdate(rid, "moved", state=state)
         full = seq.num_computed_tokens // e.blocks.block_size
@@ -51,11 +50,10 @@ class Migrations:
 
     def freeze(self, rid: str) -> MigrationUpdate:
         e = self.engine
-        seq = e.requests.pop(rid, None)
+        seq = e.core.detach(rid)  # it stops running here but keeps its blocks
         if seq is None:
             self._drop_snapshot(rid)
             return MigrationUpdate(rid, "gone")
-        e.scheduler.detach(seq)
         self.frozen[rid] = seq
         n = seq.num_computed_tokens
         blocks = seq.block_table[: blocks_for(n, e.blocks.block_size)]
@@ -76,8 +74,7 @@ class Migrations:
         self._drop_snapshot(rid)
         seq = self.frozen.pop(rid, None)
         if seq is not None:
-            self.engine.requests[rid] = seq
-            self.engine.scheduler.attach(seq)
+            self.engine.core.attach(seq)
         return MigrationUpdate(rid, "cancelled")
 
     # ---------------------------------------------------------------- destination side

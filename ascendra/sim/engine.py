@@ -285,7 +285,7 @@ class Simulator:
         if inst.inflight is not None or not inst.core.has_work():
             return
         step = inst.core.plan(t)
-        if step is None:
+        if step.is_empty:
             return  # e.g. everything waits for blocks held by a migration; a later kick retries
         shape = step.shape
         if self._shared_host is None:
