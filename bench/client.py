@@ -207,8 +207,9 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: dict, r: Re
                 r.success = True
     except TimeoutError:
         r.error = f"timeout: no complete response after {timeout_s:g}s ({len(r.token_times_s)} chunks)"
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-            aiohttp.ClientPayloadError, ConnectionError) as e:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as e:
+        # ClientConnectionError covers refused connects, a server that went away mid-response
+        # and a reset socket (ClientOSError), all of which mean the server is unreachable.
         r.error = f"connection error: {type(e).__name__}: {e}"
         raise _ConnectFailure(r.error) from e
     except aiohttp.ClientError as e:
