@@ -62,7 +62,10 @@ class BlockManager:
                 raise ValueError(f"block {b} freed twice")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                # Most recently freed first: the pool's hot blocks are reused, so the memory a
+                # worker touches (its resident set, on CPU a shared-memory pool faulted in page
+                # by page) follows its peak KV use instead of sweeping the whole pool over time.
+                self._free.appendleft(b)
 
     # ---- per-sequence helpers
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
