@@ -35,7 +35,8 @@ from ascendra.metrics import ServerMetrics
 from ascendra.migrator import MigrationResult, Migrator
 from ascendra.perf_model import BatchShape
 from ascendra.protocol import DONE, APIError, ChunkWriter, sse_error
-from ascendra.router import InstanceSpec, Policy, RouteRequest, make_policy, plan_instances
+from ascendra.policies import make_policy
+from ascendra.router import InstanceSpec, Policy, RouteRequest, plan_instances
 
 log = logging.getLogger("ascendra.coordinator")
 
@@ -442,9 +443,8 @@ class Coordinator:
         self.metrics.waiting.set(0, str(w.worker_id))
         if self.model_info is None:
             self.model_info = msg.model
-        if hasattr(self.policy, "configure_instance"):
-            self.policy.configure_instance(w.worker_id, list(msg.perf_model), msg.chunk_size, msg.max_num_seqs,
-                                           msg.block_size)
+        self.policy.configure_instance(w.worker_id, list(msg.perf_model), msg.chunk_size, msg.max_num_seqs,
+                                       msg.block_size)
         log.info("worker %d registered: pid %d, %d blocks of %d tokens, pool %s", w.worker_id, msg.pid,
                  msg.num_blocks, msg.block_size, msg.pool.kind)
         if w.registered is not None and not w.registered.done():
@@ -504,17 +504,17 @@ class Coordinator:
         mt.waiting.values[(label,)] = step.num_waiting
         mt.preempted.values[(label,)] = step.num_preempted
         mt.kv_usage.values[(label,)] = (1.0 - step.free_blocks / step.total_blocks) if step.total_blocks else 0.0
-        perf = getattr(self.policy, "state", {}).get(wid)
-        if perf is not None and step.num_seqs and step.step_time > 0 and perf.perf.fitted:
+        perf = self.policy.step_time_model(wid)
+        if perf is not None and step.num_seqs and step.step_time > 0 and perf.fitted:
             shape = BatchShape(step.num_prefill_tokens, step.prefill_attention_pairs, step.num_decode_tokens,
                                step.decode_context_tokens)
-            mt.step_time_error.observe(abs(perf.perf.predict(shape) - step.step_time) / step.step_time)
+            mt.step_time_error.observe(abs(perf.predict(shape) - step.step_time) / step.step_time)
         for esc in self.policy.on_step(wid, step):
             if esc.request_id in self.requests and self.migrator.start(esc, now) is not None:
                 log.info("escalating %s from instance %d to %d (%s)", esc.request_id, esc.src, esc.dst, esc.reason)
             else:
                 self.policy.on_migration_failed(esc.request_id, now)
-        on_tokens = getattr(self.policy, "on_tokens", None)
+        on_tokens = self.policy.on_tokens
         frozen = self._frozen_since
         requests = self.requests
         itl = mt.itl
@@ -541,8 +541,7 @@ class Coordinator:
                     if n > 1:
                         itl.observe_many(0.0, n - 1)
                 st.last_token_time = now
-                if on_tokens is not None:
-                    on_tokens(st.request_id, n, now)
+                on_tokens(st.request_id, n, now)
                 if frozen and st.request_id in frozen:
                     mt.migration_downtime.observe(now - frozen.pop(st.request_id))
                 text = st.detok.feed(ids) if not st.client_done else ""
