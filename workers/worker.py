@@ -348,6 +348,7 @@ class Worker:
                 time=time.monotonic(),
                 prefill_attention_pairs=result.prefill_attention_pairs if result else 0,
                 migrations=migrations,
+                num_hopeless=self.engine.scheduler.num_hopeless,
             )
         )
 
