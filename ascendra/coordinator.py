@@ -19,12 +19,13 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from ascendra import messages as m
+from ascendra import config as serving_config
+from ascendra.config import ServingConfig
 from ascendra.detokenizer import DetokenizerFactory
 from ascendra.metrics import ServerMetrics
 from ascendra.migrator import MigrationResult, Migrator
@@ -38,39 +39,14 @@ from ascendra.supervisor import StartupError, WorkerHandle, WorkerSupervisor, ex
 log = logging.getLogger("ascendra.coordinator")
 
 
-@dataclass
-class CoordinatorConfig:
-    model_path: str
-    model_name: str
-    device: str = "cpu"  # "cpu", "cuda" (one worker per GPU) or "cuda:N"
-    num_instances: int = 1
-    policy: str = "vllm"
-    num_hp: int | None = None
-    escalate_started: bool = True  # ascendra: move started requests with their KV
-    force_escalation_after: int | None = None  # ascendra: escalate every LP request (testing)
-    ttft_slo: float = 1.0
-    tbt_slo: float = 0.15
-    max_waiting: int = 1024
-    chunk_size: int = 512
-    max_num_seqs: int = 128
-    num_blocks: int | None = None
-    block_size: int | None = None  # None: each worker picks by device and attention kernel
-    gpu_memory_utilization: float = 0.9  # CUDA: of each device's total memory, split between its workers
-    max_model_len: int | None = None
-    fake_model: bool = False
-    fake_step_time: float = 0.0
-    seed: int = 0
-    startup_timeout: float = 600.0
-    shutdown_timeout: float = 10.0
-    worker_args: list[str] = field(default_factory=list)  # extra flags passed through
-    step_log: str | None = None  # a JSON line per worker step (shape, step time, clocks), for diagnosis
-    admission: bool = False  # answer 429 at arrival when the policy predicts a miss wherever it goes
+# The coordinator's configuration is the one serving configuration.
+CoordinatorConfig = ServingConfig
 
 
 class Coordinator:
     """Routes requests to workers through the policy and serves their output to the clients."""
 
-    def __init__(self, config: CoordinatorConfig, tokenizer: Any) -> None:
+    def __init__(self, config: ServingConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.detok_factory = DetokenizerFactory(tokenizer)
@@ -99,37 +75,24 @@ class Coordinator:
     # ------------------------------------------------------------ startup
 
     def worker_command(self, w: WorkerHandle) -> list[str]:
+        """The worker's argv: the serving configuration, encoded once, and what is its own."""
         c = self.config
         cmd = [
             sys.executable, "-m", "workers",
+            "--config", serving_config.encode(c),
             "--coordinator", self.supervisor.address,
             "--worker-id", str(w.worker_id),
             "--device", w.device,
             "--role", w.spec.role,
             "--policy", w.spec.policy,
-            "--model", c.model_path,
-            "--model-name", c.model_name,
-            "--block-size", str(c.block_size or "auto"),
-            "--chunk-size", str(c.chunk_size),
-            "--max-num-seqs", str(c.max_num_seqs),
             "--parent-pid", str(os.getpid()),
-            "--seed", str(c.seed),
         ]
         if w.device == "cpu" and not c.fake_model:
             # Split the cores between CPU workers instead of letting each torch take all of them.
             cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(self.workers)))]
         if w.device.startswith("cuda"):
             share = sum(o.device == w.device for o in self.workers)
-            cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization), "--device-share", str(share),
-                    "--num-peers", str(len(self.workers) - 1)]
-        if c.num_blocks is not None:
-            cmd += ["--num-blocks", str(c.num_blocks)]
-        if c.max_model_len is not None:
-            cmd += ["--max-model-len", str(c.max_model_len)]
-        if c.fake_model:
-            cmd.append("--fake-model")
-            if c.fake_step_time:
-                cmd += ["--fake-step-time", str(c.fake_step_time)]
+            cmd += ["--device-share", str(share), "--num-peers", str(len(self.workers) - 1)]
         return cmd + list(c.worker_args)
 
     async def start(self) -> None:

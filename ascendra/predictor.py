@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from ascendra.block_manager import blocks_for
+from ascendra.config import default
 from ascendra.perf_model import BatchShape, PerfModel
 from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
 
@@ -73,9 +74,9 @@ class _Req:
 @dataclass
 class _Instance:
     perf: PerfModel
-    chunk_size: int = 512
-    max_num_seqs: int = 128
-    block_size: int = 16
+    chunk_size: int = default("chunk_size")
+    max_num_seqs: int = default("max_num_seqs")
+    block_size: int = 16  # until configure_instance reports the worker's
     decodes: int = 0
     decode_context: int = 0
     incoming: int = 0  # escalations in flight towards this instance

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from ascendra.config import add_flags, default
 from ascendra.perf_model import PerfModel
 from ascendra.sim import costs
 from ascendra.sim.benchlib import (add_slo_args, add_workload_args, format_table, load_trace, markdown, plot,
@@ -65,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-blocks", type=int, default=None,
                    help="KV blocks per instance (default: a100 memory model; 4096 otherwise)")
     s.add_argument("--block-size", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=None)
-    s.add_argument("--chunk-size", type=int, default=None)
+    add_flags(s, ["max_num_seqs", "chunk_size"], required_default=True)  # default: the scenario's, else the server's
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--link", default=None, help=f"KV link: {', '.join(costs.LINKS)} or GB/s (default pcie4)")
     s.add_argument("--link-latency", type=float, default=1e-3, help="fixed seconds per copy")
@@ -126,14 +126,14 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         num_blocks = costs.kv_pool_blocks(costs.A100_80GB, costs.LLAMA3_8B, block_size)
     else:
         num_blocks = 4096
-    ttft = pick(a.ttft_slo, wl.ttft_slo if wl else 1.0)
-    tbt = pick(a.tbt_slo, wl.tbt_slo if wl else 0.15)
+    ttft = pick(a.ttft_slo, wl.ttft_slo if wl else default("ttft_slo"))
+    tbt = pick(a.tbt_slo, wl.tbt_slo if wl else default("tbt_slo"))
     cfg = SimConfig(
         num_instances=pick(a.num_instances, sc.num_instances if sc else 3),
         num_hp=pick(a.num_hp, sc.num_hp if sc else None),
         num_blocks=num_blocks, block_size=block_size,
-        max_num_seqs=pick(a.max_num_seqs, sc.max_num_seqs if sc else 128),
-        chunk_size=pick(a.chunk_size, sc.chunk_size if sc else 512),
+        max_num_seqs=pick(a.max_num_seqs, sc.max_num_seqs if sc else default("max_num_seqs")),
+        chunk_size=pick(a.chunk_size, sc.chunk_size if sc else default("chunk_size")),
         max_model_len=pick(a.max_model_len, sc.max_model_len if sc else 8192),
         ttft_slo=ttft, tbt_slo=tbt, scheduler_uses_model=a.scheduler_model,
         record_token_times=not a.no_token_times)

@@ -28,6 +28,7 @@ from ascendra.instance import Instance, Step
 from ascendra.messages import SamplingParams, StepOutput
 from ascendra.perf_model import PerfModel
 from ascendra.policies import make_policy
+from ascendra.config import default
 from ascendra.router import InstanceSpec, Policy, RouteRequest, plan_instances
 from ascendra.scheduler import SchedulerConfig
 from ascendra.sequence import Sequence, SeqStatus
@@ -45,11 +46,11 @@ class SimConfig:
     num_hp: int | None = None  # ascendra: HP instances (default: a third)
     num_blocks: int = 4096  # KV blocks per instance
     block_size: int = 16
-    max_num_seqs: int = 128
-    chunk_size: int = 512
+    max_num_seqs: int = default("max_num_seqs")
+    chunk_size: int = default("chunk_size")
     max_model_len: int = 8192
-    ttft_slo: float | None = 1.0
-    tbt_slo: float | None = 0.15
+    ttft_slo: float | None = default("ttft_slo")
+    tbt_slo: float | None = default("tbt_slo")
     # Ascendra: escalate started requests with their KV (ours) or only unstarted ones (the paper's code).
     escalate_started: bool = True
     # Ablation: the stages at which an escalation is carried out (others are refused as filtered):
