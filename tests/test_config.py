@@ -69,3 +69,25 @@ def test_the_simulator_defaults_are_the_servers():
         DEFAULTS.chunk_size, DEFAULTS.max_num_seqs, DEFAULTS.ttft_slo, DEFAULTS.tbt_slo)
     fields = Scenario.__dataclass_fields__
     assert fields["chunk_size"].default == DEFAULTS.chunk_size
+
+
+def test_the_coordinator_hands_each_worker_the_encoded_struct(tiny_model):
+    """The worker's argv carries the one struct (no rebuilt setting flags), and parses back to it."""
+    import asyncio
+
+    from ascendra.coordinator import Coordinator
+    from ascendra.server import load_tokenizer
+
+    cfg = ServingConfig(model_path=tiny_model.path, model_name="tiny", num_instances=2, policy="ascendra",
+                        chunk_size=64, max_num_seqs=8, num_blocks=100, fake_model=True, seed=3)
+    coord = Coordinator(cfg, load_tokenizer(tiny_model.path))
+    try:
+        argv = coord.worker_command(coord.workers[1])
+        assert argv[1:3] == ["-m", "workers"]
+        assert "--config" in argv and "--chunk-size" not in argv and "--model" not in argv
+        assert config.decode(argv[argv.index("--config") + 1]) == cfg
+        a = worker_args(argv[3:])
+        assert (a.worker_id, a.role, a.policy, a.model, a.chunk_size, a.max_num_seqs, a.num_blocks, a.seed) == (
+            1, "hp", "hp", tiny_model.path, 64, 8, 100, 3)
+    finally:
+        asyncio.run(coord.shutdown())

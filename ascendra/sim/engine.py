@@ -24,11 +24,11 @@ import heapq
 from dataclasses import dataclass, field
 
 from ascendra.block_manager import OutOfBlocks, blocks_for
+from ascendra.config import default
 from ascendra.instance import Instance, Step
 from ascendra.messages import SamplingParams, StepOutput
 from ascendra.perf_model import PerfModel
 from ascendra.policies import make_policy
-from ascendra.config import default
 from ascendra.router import InstanceSpec, Policy, RouteRequest, plan_instances
 from ascendra.scheduler import SchedulerConfig
 from ascendra.sequence import Sequence, SeqStatus
