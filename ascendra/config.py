@@ -137,9 +137,12 @@ def check(values: dict[str, Any], parser: argparse.ArgumentParser | None = None)
 
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
-              **extra: Any) -> ServingConfig:
-    """The ServingConfig for parsed flags (fields without a flag keep their defaults, or ``extra``)."""
-    values = {k: v for k, v in vars(args).items() if k in _DEFAULTS_BY_NAME and v is not None}
+              names: list[str] | None = None, **extra: Any) -> ServingConfig:
+    """The ServingConfig for parsed flags (fields without a flag keep their defaults, or ``extra``).
+    ``names``: take only these fields from ``args`` (a CLI whose other flags share a name but not
+    a meaning, as the simulator's comma-separated --policy)."""
+    values = {k: v for k, v in vars(args).items()
+              if k in _DEFAULTS_BY_NAME and v is not None and (names is None or k in names)}
     values.update(extra)
     return check(values, parser)
 

@@ -91,3 +91,15 @@ def test_the_coordinator_hands_each_worker_the_encoded_struct(tiny_model):
             1, "hp", "hp", tiny_model.path, 64, 8, 100, 3)
     finally:
         asyncio.run(coord.shutdown())
+
+
+def test_the_simulator_checks_the_shared_settings_bounds_only():
+    from ascendra.sim.__main__ import SHARED_FLAGS
+    from ascendra.sim.__main__ import build_parser as sim_parser
+
+    p = sim_parser()
+    a = p.parse_args(["--policy", "vllm,ascendra-admission", "--chunk-size", "64"])  # a list, not a server policy
+    assert a.max_num_seqs is None  # unset: the scenario's value applies
+    assert config.from_args(a, names=SHARED_FLAGS).chunk_size == 64
+    with pytest.raises(ValueError, match="^--chunk-size: "):
+        config.from_args(p.parse_args(["--chunk-size", "0"]), names=SHARED_FLAGS)
