@@ -23,8 +23,8 @@ from typing import Any
 
 import msgspec
 
-from ascendra import messages as m
 from ascendra import config as serving_config
+from ascendra import messages as m
 from ascendra.config import ServingConfig
 from ascendra.detokenizer import DetokenizerFactory
 from ascendra.metrics import ServerMetrics
@@ -37,10 +37,6 @@ from ascendra.served_request import ServedRequest, unavailable
 from ascendra.supervisor import StartupError, WorkerHandle, WorkerSupervisor, expand_devices
 
 log = logging.getLogger("ascendra.coordinator")
-
-
-# The coordinator's configuration is the one serving configuration.
-CoordinatorConfig = ServingConfig
 
 
 class Coordinator:
@@ -427,4 +423,4 @@ class Coordinator:
 
 _STEP_LOG_ENCODER = msgspec.json.Encoder()
 
-__all__ = ["Coordinator", "CoordinatorConfig", "StartupError"]
+__all__ = ["Coordinator", "StartupError"]
