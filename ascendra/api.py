@@ -15,7 +15,8 @@ import msgspec
 from aiohttp import web
 
 from ascendra import messages as m
-from ascendra.coordinator import Coordinator, RequestState
+from ascendra.coordinator import Coordinator
+from ascendra.served_request import ServedRequest
 from ascendra.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -409,7 +410,7 @@ class API:
         return json_response(body)
 
     async def _stream(
-        self, request: web.Request, st: RequestState, chunks: ChunkWriter | None, chat: bool
+        self, request: web.Request, st: ServedRequest, chunks: ChunkWriter | None, chat: bool
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         try:
@@ -427,6 +428,6 @@ class API:
             self._disconnected(st)
         return resp
 
-    def _disconnected(self, st: RequestState) -> None:
+    def _disconnected(self, st: ServedRequest) -> None:
         self.coord.metrics.client_disconnects.inc()
         log.debug("client disconnected from %s", st.request_id)

@@ -251,6 +251,7 @@ class StepOutput(msgspec.Struct, tag="step", frozen=True):
     # sum over prefill chunks of new tokens x attended tokens: the quadratic attention term
     prefill_attention_pairs: int = 0
     migrations: list[MigrationUpdate] = []
+    num_hopeless: int = 0  # requests the scheduler has judged unable to meet their objectives, so far
 
 
 class WorkerFailed(msgspec.Struct, tag="failed", frozen=True):

@@ -149,7 +149,13 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "request_rejected_total", "Requests refused before admission.", ("reason",),
-            initial=[("queue_full",), ("no_worker",), ("invalid",), ("unauthorized",)],
+            initial=[("queue_full",), ("no_worker",), ("invalid",), ("unauthorized",), ("would_miss",)],
+        )
+        self.hopeless = Counter(
+            "requests_hopeless",
+            "Requests judged unable to meet their objectives and served best-effort, by who judged: the "
+            "coordinator's policy or the workers' schedulers (a request may be counted by both).",
+            ("judged_by",), initial=[("policy",), ("scheduler",)],
         )
         self.client_disconnects = Counter(
             "client_disconnects_total", "Requests whose client closed the connection before the last event.")
@@ -196,6 +202,7 @@ class ServerMetrics:
             self.preempted, self.worker_up, self.inflight, self.unstarted, self.escalations,
             self.escalations_failed, self.migrated_blocks, self.migrated_bytes, self.migration_downtime,
             self.step_time_error, self.process_cpu, self.client_disconnects, self.worker_messages_dropped,
+            self.hopeless,
         ]
 
     def render(self) -> str:

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from ascendra.block_manager import blocks_for
+from ascendra.config import default
 from ascendra.perf_model import BatchShape, PerfModel
 from ascendra.router import Escalation, InstanceSpec, Policy, RouteRequest, StepStats, least_loaded
 
@@ -73,9 +74,9 @@ class _Req:
 @dataclass
 class _Instance:
     perf: PerfModel
-    chunk_size: int = 512
-    max_num_seqs: int = 128
-    block_size: int = 16
+    chunk_size: int = default("chunk_size")
+    max_num_seqs: int = default("max_num_seqs")
+    block_size: int = 16  # until configure_instance reports the worker's
     decodes: int = 0
     decode_context: int = 0
     incoming: int = 0  # escalations in flight towards this instance
@@ -116,11 +117,14 @@ class AscendraPolicy(Policy):
 
     # ------------------------------------------------------------------ setup and events
     def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int,
-                           max_num_seqs: int, block_size: int = 16) -> None:
+                           max_num_seqs: int, block_size: int) -> None:
         st = self.state[instance_id]
         if perf_coef:
             st.perf = PerfModel.from_list(perf_coef)
         st.chunk_size, st.max_num_seqs, st.block_size = chunk_size, max_num_seqs, block_size
+
+    def step_time_model(self, instance_id: int) -> PerfModel | None:
+        return self.state[instance_id].perf
 
     def route(self, req: RouteRequest) -> int | None:
         """The least-loaded of the LP instances and the HP instances that hold a ticket.
@@ -229,13 +233,11 @@ class AscendraPolicy(Policy):
     def on_step(self, instance_id: int, step: StepStats) -> list[Escalation]:
         self._record_step(instance_id, step)
         st = self.state[instance_id]
-        num_seqs = getattr(step, "num_seqs", 0)
-        if num_seqs:
-            st.decodes = getattr(step, "num_decode_tokens", 0)
-            st.decode_context = getattr(step, "decode_context_tokens", 0)
-            shape = BatchShape(getattr(step, "num_prefill_tokens", 0), getattr(step, "prefill_attention_pairs", 0),
-                               st.decodes, st.decode_context)
-            st.perf.observe(shape, getattr(step, "step_time", 0.0))
+        if step.num_seqs:
+            st.decodes = step.num_decode_tokens
+            st.decode_context = step.decode_context_tokens
+            shape = BatchShape(step.num_prefill_tokens, step.prefill_attention_pairs, st.decodes, st.decode_context)
+            st.perf.observe(shape, step.step_time)
             n = shape.prefill_tokens
             if step.num_waiting > 0 and n > 0:  # prompts were left waiting: what the budget allowed
                 a = PREFILL_RATE_SMOOTHING

@@ -5,14 +5,19 @@ dispatched, first token, finished, step statistics, instance up/down) with the t
 measured; the simulator can drive the very same objects with simulated times.
 
 A ``Policy`` owns the routing decision (``route``) and a per-step hook (``on_step``)
-that may return ``Escalation`` actions. Ascendra's policy, which predicts and escalates,
-lives in ``ascendra.predictor``.
+that may return ``Escalation`` actions. ``Policy`` declares every hook the coordinator and
+the simulator call, each with a no-op default, so callers never probe for optional methods.
+Ascendra's policy, which predicts and escalates, lives in ``ascendra.predictor``;
+``ascendra.policies.make_policy`` builds one by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ascendra.perf_model import PerfModel
 
 POLICIES = ("vllm", "sarathi", "ascendra")
 
@@ -61,13 +66,20 @@ class RouteRequest:
 
 
 class StepStats(Protocol):
-    """The parts of a worker's StepOutput that routing uses (messages.StepOutput fits)."""
+    """Every field of a worker's step report that a policy reads (messages.StepOutput fits)."""
 
     num_running: int
     num_waiting: int
     free_blocks: int
     total_blocks: int
-    time: float
+    time: float  # when the step finished
+    # The batch's shape and its measured time, for the step-time model.
+    num_seqs: int
+    num_prefill_tokens: int
+    prefill_attention_pairs: int
+    num_decode_tokens: int
+    decode_context_tokens: int
+    step_time: float
 
 
 @dataclass
@@ -152,9 +164,14 @@ class _Tracked:
 
 
 class Policy:
-    """Base policy: bookkeeping shared by all; subclasses decide ``route``."""
+    """Base policy: bookkeeping shared by all; subclasses decide ``route``.
+
+    Every hook a caller may use is declared here; the ones a simple policy does not need are
+    no-ops, so the coordinator and the simulator call them unconditionally."""
 
     name = "base"
+    # Requests judged unable to meet their objectives (served best-effort); a metric.
+    num_hopeless = 0
 
     def __init__(self, specs: list[InstanceSpec]) -> None:
         self.instances = [InstanceState(s) for s in specs]
@@ -171,7 +188,29 @@ class Policy:
         self._record_step(instance_id, step)
         return []
 
+    def would_miss(self, req: RouteRequest) -> bool:
+        """Admission: True when the request is predicted to miss its objectives wherever it goes.
+        A policy without predictions never refuses."""
+        return False
+
+    def step_time_model(self, instance_id: int) -> PerfModel | None:
+        """The step-time model the policy believes for an instance (None: it keeps none)."""
+        return None
+
     # ---- bookkeeping the coordinator reports
+
+    def configure_instance(self, instance_id: int, perf_coef: list[float], chunk_size: int, max_num_seqs: int,
+                           block_size: int) -> None:
+        """An instance registered: its profiled step-time coefficients and batch limits."""
+
+    def on_tokens(self, request_id: str, n_new: int, now: float) -> None:
+        """A request received ``n_new`` tokens at ``now`` (the first one is also ``on_first_token``)."""
+
+    def on_migrated(self, request_id: str, dst: int, now: float) -> None:
+        """An escalation the policy asked for completed: the request now lives on ``dst``."""
+
+    def on_migration_failed(self, request_id: str, now: float) -> None:
+        """An escalation the policy asked for did not happen; the request stays where it was."""
 
     def set_alive(self, instance_id: int, alive: bool) -> None:
         self.instances[instance_id].alive = alive
@@ -228,16 +267,6 @@ class RoundRobinPolicy(Policy):
         return inst.instance_id if inst is not None else None
 
 
-def make_policy(policy: str, specs: list[InstanceSpec], **ascendra_options) -> Policy:
-    if policy in ("vllm", "sarathi"):
-        return RoundRobinPolicy(specs, name=policy)
-    if policy == "ascendra":
-        from ascendra.predictor import AscendraPolicy  # it builds on this module
-
-        return AscendraPolicy(specs, **ascendra_options)
-    raise ValueError(f"unknown policy {policy!r}")
-
-
 __all__ = [
     "POLICIES",
     "Escalation",
@@ -250,6 +279,5 @@ __all__ = [
     "StepStats",
     "default_num_hp",
     "least_loaded",
-    "make_policy",
     "plan_instances",
 ]

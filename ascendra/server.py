@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+from ascendra.config import add_flags, from_args
+
 log = logging.getLogger("ascendra.server")
 
 
@@ -41,53 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "or leave out for the embedded SmolLM2-135M-Instruct")
     p.add_argument("--served-model-name", default=None,
                    help="name reported by /v1/models and in responses (default: the model's name)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda (one worker per visible GPU: cuda:0..N-1), or cuda:K")
-    p.add_argument("--num-instances", type=int, default=None,
-                   help="worker processes (default: 1 on cpu, the GPU count with --device cuda)")
-    p.add_argument("--policy", choices=["vllm", "sarathi", "ascendra"], default="vllm",
-                   help="vllm/sarathi: all instances mixed, round-robin routing; "
-                        "ascendra: low-priority (LP) + high-priority (HP) instances")
-    p.add_argument("--num-hp", type=int, default=None,
-                   help="HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)")
+    # The serving settings: names, defaults, bounds and help from ascendra.config.ServingConfig.
+    add_flags(p, ["device", "num_instances", "policy", "num_hp"])
     p.add_argument("--paper-escalation", action="store_true",
                    help="ascendra: escalate only requests that have not started (the paper's code) "
                         "instead of at every stage with KV migration")
-    p.add_argument("--force-escalation-after", type=int, default=None, metavar="TOKENS",
-                   help="ascendra, for testing and measuring migration: escalate every LP request once "
-                        "it has produced TOKENS tokens (0: before its first), whatever the predictor says")
-    p.add_argument("--ttft-slo", type=float, default=1.0,
-                   help="time-to-first-token objective in seconds for requests that set no ttft_slo_ms")
-    p.add_argument("--tbt-slo", type=float, default=0.15,
-                   help="mean time-between-tokens objective in seconds for requests that set no tbt_slo_ms")
-    p.add_argument("--max-waiting", type=int, default=1024,
-                   help="admitted requests still waiting for their first token; beyond it the server "
-                        "answers 429 with Retry-After")
-    p.add_argument("--chunk-size", type=int, default=512, help="token budget per step for chunked prefill")
-    p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one worker's batch")
-    p.add_argument("--num-blocks", type=int, default=None,
-                   help="KV cache blocks per worker (default: the worker sizes its pool itself)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV block (default: 256 on CUDA with fp16/bf16 when flash-attn is installed, "
-                        "as its paged kernel reads the pool in place only with pages of a multiple of 256; "
-                        "else 16, and attention copies K/V out of the pool: the fallback path)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: fraction of each GPU's total memory used by the workers on it together "
-                        "(weights, activations, KV pool), split evenly between them; room for migration "
-                        "peers is kept inside it")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's limit)")
-    p.add_argument("--fake-model", action="store_true",
-                   help="workers emit tokens without running a model (for benchmarking the coordinator)")
-    p.add_argument("--fake-step-time", type=float, default=0.0,
-                   help="with --fake-model: seconds each fake iteration sleeps (0: as fast as possible)")
-    p.add_argument("--seed", type=int, default=0, help="base random seed for the workers")
+    add_flags(p, ["force_escalation_after", "ttft_slo", "tbt_slo", "max_waiting", "admission", "chunk_size",
+                  "max_num_seqs", "num_blocks", "block_size", "gpu_memory_utilization", "max_model_len",
+                  "fake_model", "fake_step_time", "seed"])
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before ending them")
-    p.add_argument("--startup-timeout", type=float, default=600.0,
-                   help="seconds to wait for every worker to register")
-    p.add_argument("--step-log", default=None, metavar="PATH",
-                   help="append one JSON line per worker step (batch shape, step time, clocks) to PATH")
+    add_flags(p, ["startup_timeout", "step_log"])
     p.add_argument("--max-request-bytes", type=int, default=0,
                    help="largest request body in bytes, 413 beyond (default 0: 64 KiB + 32 x max_model_len)")
     p.add_argument("--max-prompt-chars", type=int, default=0,
@@ -134,7 +100,7 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from ascendra.api import API, APILimits
-    from ascendra.coordinator import Coordinator, CoordinatorConfig, StartupError
+    from ascendra.coordinator import Coordinator, StartupError
     from ascendra.models import ModelNotFound, resolve_model
 
     try:
@@ -143,30 +109,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     tokenizer = load_tokenizer(resolved.path)
-    config = CoordinatorConfig(
-        model_path=resolved.path,
-        model_name=args.served_model_name or resolved.name,
-        device=args.device,
-        num_instances=args.num_instances,
-        policy=args.policy,
-        num_hp=args.num_hp,
-        escalate_started=not args.paper_escalation,
-        force_escalation_after=args.force_escalation_after,
-        ttft_slo=args.ttft_slo,
-        tbt_slo=args.tbt_slo,
-        max_waiting=args.max_waiting,
-        chunk_size=args.chunk_size,
-        max_num_seqs=args.max_num_seqs,
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        fake_model=args.fake_model,
-        fake_step_time=args.fake_step_time,
-        seed=args.seed,
-        startup_timeout=args.startup_timeout,
-        step_log=args.step_log,
-    )
+    config = from_args(args, model_path=resolved.path, model_name=args.served_model_name or resolved.name,
+                       escalate_started=not args.paper_escalation)
     try:
         coord = Coordinator(config, tokenizer)
     except (StartupError, ValueError) as e:
@@ -231,7 +175,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from_args(args, parser)  # a setting out of bounds ends here, naming its flag (exit 2)
     _set_num_threads()
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ascendra.config import default
+
 from .client import FatalError, default_trace_path
 from .workloads import WorkloadConfig, load_trace
 
@@ -51,8 +53,9 @@ def add_client_args(p: argparse.ArgumentParser, timeout: float = 300.0) -> None:
                    help="stop after this many consecutive connection failures")
 
 
-def add_slo_args(p: argparse.ArgumentParser, default_ttft: float | None = 1.0,
-                 default_tbt: float | None = 0.15) -> None:
+def add_slo_args(p: argparse.ArgumentParser, default_ttft: float | None = default("ttft_slo"),
+                 default_tbt: float | None = default("tbt_slo")) -> None:
+    """--ttft-slo / --tbt-slo; the defaults are the server's (ascendra.config)."""
     s = p.add_argument_group("SLOs")
     s.add_argument("--ttft-slo", type=float, default=default_ttft, help="TTFT SLO (s)")
     s.add_argument("--tbt-slo", type=float, default=default_tbt, help="mean-TBT SLO (s)")

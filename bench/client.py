@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import aiohttp
 
+from ascendra.config import default
+
 from .metrics import RequestResult
 from .workloads import RequestSpec, prompt_text, prompt_token_ids
 
@@ -43,8 +45,8 @@ class ClientConfig:
     temperature: float = 0.0
     seed: int = 0
     send_slo: bool = False
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 0.15
+    ttft_slo_s: float = default("ttft_slo")
+    tbt_slo_s: float = default("tbt_slo")
     record_outputs: bool = False
     max_concurrency: int | None = None
     abort_after: int = 5  # consecutive connection failures that end the run

@@ -1,8 +1,6 @@
 """Ascendra's predictor and escalation decisions, as pure code with a known performance model."""
 
-from types import SimpleNamespace
-
-from ascendra.messages import MigrationUpdate, RequestState, SamplingParams, KVSource, PoolHandle
+from ascendra.messages import MigrationUpdate, StepOutput, RequestState, SamplingParams, KVSource, PoolHandle
 from ascendra.migrator import Migrator
 from ascendra.predictor import AscendraPolicy
 from ascendra.router import Escalation, RouteRequest, plan_instances
@@ -16,16 +14,16 @@ def make_policy(**kw):
     pol = AscendraPolicy(specs, **kw)
     for s in specs:
         pol.set_alive(s.instance_id, True)
-        pol.configure_instance(s.instance_id, COEF, chunk_size=256, max_num_seqs=8)
+        pol.configure_instance(s.instance_id, COEF, chunk_size=256, max_num_seqs=8, block_size=16)
     return pol
 
 
 def step(iid, now, running=0, waiting=0, free=900, total=1000, **kw):
-    fields = dict(worker_id=iid, num_running=running, num_waiting=waiting, free_blocks=free, total_blocks=total,
-                  time=now, step_time=0.0, num_seqs=0, num_prefill_tokens=0, num_decode_tokens=0,
-                  prefill_context_tokens=0, decode_context_tokens=0, prefill_attention_pairs=0)
+    fields = dict(worker_id=iid, step=0, outputs=[], num_running=running, num_waiting=waiting, num_preempted=0,
+                  free_blocks=free, total_blocks=total, time=now, step_time=0.0, num_seqs=0, num_prefill_tokens=0,
+                  num_decode_tokens=0, prefill_context_tokens=0, decode_context_tokens=0, prefill_attention_pairs=0)
     fields.update(kw)
-    return SimpleNamespace(**fields)
+    return StepOutput(**fields)
 
 
 def busy_hp(pol, now):

@@ -26,9 +26,9 @@ from ascendra.router import (
     RouteRequest,
     default_num_hp,
     least_loaded,
-    make_policy,
     plan_instances,
 )
+from ascendra.policies import make_policy
 from tests.server_harness import parse_metrics
 
 

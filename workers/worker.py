@@ -38,6 +38,8 @@ from ascendra.messages import (
     coordinator_decoder,
     encode,
 )
+from ascendra.config import add_flags
+from ascendra.config import decode as decode_config
 from ascendra.perf_model import BatchShape, PerfModel
 from workers.device import is_fatal_device_error, set_device
 from workers.engine import Engine, EngineConfig, StepResult
@@ -56,14 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--role", default="mixed", choices=["mixed", "lp", "hp"], help="instance role")
     p.add_argument("--policy", default="sarathi", choices=["vllm", "sarathi", "lp", "hp"], help="local batch policy")
-    p.add_argument("--model", required=True, help="local model directory (resolved by the coordinator)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="the coordinator's ServingConfig (ascendra.config), encoded; it supplies the defaults "
+                        "of the settings below, and flags given after it override them")
+    p.add_argument("--model", default=None, help="local model directory (resolved by the coordinator)")
     p.add_argument("--model-name", default=None, help="name to report (default: the directory name)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides --kv-fraction)")
     p.add_argument("--kv-fraction", type=float, default=None,
                    help="CPU: size the pool as this fraction of RAM (default 0.05)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: fraction of the device's total memory that the workers sharing it use "
-                        "together (weights, activations and KV pool), split evenly between them")
     p.add_argument("--device-share", type=int, default=1,
                    help="CUDA: how many workers share this device (each gets 1/N of the utilization)")
     p.add_argument("--num-peers", type=int, default=0,
@@ -72,15 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", default="auto",
                    help="tokens per KV block, or auto: 256 on CUDA with fp16/bf16 when flash-attn's paged "
                         "kernel is installed (it needs pages of a multiple of 256), else 16")
-    p.add_argument("--chunk-size", type=int, default=512, help="token budget per iteration (sarathi, lp, hp)")
-    p.add_argument("--max-num-seqs", type=int, default=128, help="most requests in one batch")
-    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    add_flags(p, _SERVING_FLAGS, help={
+        "num_blocks": "KV blocks in the pool (overrides --kv-fraction)",
+        "gpu_memory_utilization": "CUDA: fraction of the device's total memory that the workers sharing it use "
+                                  "together (weights, activations and KV pool), split evenly between them",
+        "chunk_size": "token budget per iteration (sarathi, lp, hp)",
+        "max_num_seqs": "most requests in one batch",
+        "max_model_len": "cap on prompt + output tokens",
+        "fake_model": "emit tokens without running the model",
+        "fake_step_time": "seconds each fake iteration sleeps",
+        "seed": "torch seed for unseeded sampling",
+    })
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (default: parent)")
-    p.add_argument("--fake-model", action="store_true", help="emit tokens without running the model")
-    p.add_argument("--fake-step-time", type=float, default=0.0, help="seconds each fake iteration sleeps")
-    p.add_argument("--seed", type=int, default=0, help="torch seed for unseeded sampling")
     p.add_argument("--profile", default="auto", choices=["auto", "off"],
                    help="fit the step-time model on this device at start (auto: reuse the cached fit if any)")
     p.add_argument("--scatter-blocks", type=int, default=None, help="shuffle the free block list with this seed")
@@ -89,7 +95,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-sampling", default=os.environ.get("ASCENDRA_TEST_FAIL_SAMPLING", ""),
                    help=argparse.SUPPRESS)
     p.add_argument("--fail-fatal", default=os.environ.get("ASCENDRA_TEST_FAIL_FATAL", ""), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    first, _ = p.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            cfg = decode_config(first.config)
+        except Exception as e:  # noqa: BLE001 - any decoding problem is a usage error
+            p.error(f"--config: {e}")
+        p.set_defaults(model=cfg.model_path or None, model_name=cfg.model_name or None,
+                       block_size=str(cfg.block_size or "auto"),
+                       **{name: getattr(cfg, name) for name in _SERVING_FLAGS})
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model (or --config with a model_path) is required")
+    return args
+
+
+# The settings a worker takes from the coordinator's ServingConfig.
+_SERVING_FLAGS = ["num_blocks", "gpu_memory_utilization", "chunk_size", "max_num_seqs", "max_model_len", "fake_model",
+                  "fake_step_time", "seed"]
 
 
 def _die_with_parent() -> None:
@@ -348,6 +371,7 @@ class Worker:
                 time=time.monotonic(),
                 prefill_attention_pairs=result.prefill_attention_pairs if result else 0,
                 migrations=migrations,
+                num_hopeless=self.engine.scheduler.num_hopeless,
             )
         )
 

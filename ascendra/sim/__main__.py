@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from ascendra.config import add_flags, default, from_args
 from ascendra.perf_model import PerfModel
 from ascendra.sim import costs
 from ascendra.sim.benchlib import (add_slo_args, add_workload_args, format_table, load_trace, markdown, plot,
@@ -36,6 +37,10 @@ from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate
 
 DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
 ABLATIONS = ("ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill")
+
+
+# The simulator's flags that are server settings too (ascendra.config), bounds checked alike.
+SHARED_FLAGS = ["num_instances", "num_hp", "num_blocks", "block_size", "max_num_seqs", "chunk_size", "max_model_len"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,19 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ablation", action="store_true",
                    help="add the escalation ablations: ascendra-unstarted (only before prefill, the paper's code), "
                         "ascendra-no-decode, ascendra-no-prefill (leave out escalating decodes / requests mid-prefill)")
-    s.add_argument("--num-instances", type=int, default=None, help="default 3")
-    s.add_argument("--num-hp", type=int, default=None, help="ascendra HP instances (default a third)")
+    # Settings the server has too: flags from ascendra.config (defaults: the scenario's, else as below).
+    add_flags(s, ["num_instances", "num_hp"], required_default=True,  # (all in SHARED_FLAGS)
+              help={"num_instances": "default 3", "num_hp": "ascendra HP instances (default a third)"})
     s.add_argument("--cost", default=None,
                    help="step-time source: a100 (vidur table + attention model, default), "
                         "profile:PATH (PerfModel JSON {\"coef\": [...]}), coef:[c0,...], "
                         "steplog:PATH (fit on a CPU server's --step-log: steps alone / beside another worker's)")
     s.add_argument("--shared", default=str(costs.DEFAULT_SHARED), help="the shared data directory")
-    s.add_argument("--num-blocks", type=int, default=None,
-                   help="KV blocks per instance (default: a100 memory model; 4096 otherwise)")
-    s.add_argument("--block-size", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=None)
-    s.add_argument("--chunk-size", type=int, default=None)
-    s.add_argument("--max-model-len", type=int, default=None)
+    add_flags(s, ["num_blocks", "block_size", "max_num_seqs", "chunk_size", "max_model_len"], required_default=True,
+              help={"num_blocks": "KV blocks per instance (default: a100 memory model; 4096 otherwise)",
+                    "block_size": "tokens per KV block (default 16)",
+                    "max_num_seqs": f"most requests in one instance's batch (default {default('max_num_seqs')})",
+                    "chunk_size": f"token budget per step for chunked prefill (default {default('chunk_size')})",
+                    "max_model_len": "longest prompt + output in tokens (default 8192)"})
     s.add_argument("--link", default=None, help=f"KV link: {', '.join(costs.LINKS)} or GB/s (default pcie4)")
     s.add_argument("--link-latency", type=float, default=1e-3, help="fixed seconds per copy")
     s.add_argument("--kv-bytes-per-token", type=int, default=None,
@@ -126,14 +132,14 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         num_blocks = costs.kv_pool_blocks(costs.A100_80GB, costs.LLAMA3_8B, block_size)
     else:
         num_blocks = 4096
-    ttft = pick(a.ttft_slo, wl.ttft_slo if wl else 1.0)
-    tbt = pick(a.tbt_slo, wl.tbt_slo if wl else 0.15)
+    ttft = pick(a.ttft_slo, wl.ttft_slo if wl else default("ttft_slo"))
+    tbt = pick(a.tbt_slo, wl.tbt_slo if wl else default("tbt_slo"))
     cfg = SimConfig(
         num_instances=pick(a.num_instances, sc.num_instances if sc else 3),
         num_hp=pick(a.num_hp, sc.num_hp if sc else None),
         num_blocks=num_blocks, block_size=block_size,
-        max_num_seqs=pick(a.max_num_seqs, sc.max_num_seqs if sc else 128),
-        chunk_size=pick(a.chunk_size, sc.chunk_size if sc else 512),
+        max_num_seqs=pick(a.max_num_seqs, sc.max_num_seqs if sc else default("max_num_seqs")),
+        chunk_size=pick(a.chunk_size, sc.chunk_size if sc else default("chunk_size")),
         max_model_len=pick(a.max_model_len, sc.max_model_len if sc else 8192),
         ttft_slo=ttft, tbt_slo=tbt, scheduler_uses_model=a.scheduler_model,
         record_token_times=not a.no_token_times)
@@ -392,7 +398,9 @@ def bench_speed(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from_args(a, parser, SHARED_FLAGS)  # the shared settings' bounds (e.g. --chunk-size >= 1), naming the flag
     if a.fidelity:
         from ascendra.sim.fidelity import fidelity_main
         return fidelity_main(a)

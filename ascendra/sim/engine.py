@@ -24,10 +24,12 @@ import heapq
 from dataclasses import dataclass, field
 
 from ascendra.block_manager import OutOfBlocks, blocks_for
+from ascendra.config import default
 from ascendra.instance import Instance, Step
 from ascendra.messages import SamplingParams, StepOutput
 from ascendra.perf_model import PerfModel
-from ascendra.router import InstanceSpec, RouteRequest, make_policy, plan_instances
+from ascendra.policies import make_policy
+from ascendra.router import InstanceSpec, Policy, RouteRequest, plan_instances
 from ascendra.scheduler import SchedulerConfig
 from ascendra.sequence import Sequence, SeqStatus
 from ascendra.sim.costs import MigrationCost, linear_fns
@@ -44,11 +46,11 @@ class SimConfig:
     num_hp: int | None = None  # ascendra: HP instances (default: a third)
     num_blocks: int = 4096  # KV blocks per instance
     block_size: int = 16
-    max_num_seqs: int = 128
-    chunk_size: int = 512
+    max_num_seqs: int = default("max_num_seqs")
+    chunk_size: int = default("chunk_size")
     max_model_len: int = 8192
-    ttft_slo: float | None = 1.0
-    tbt_slo: float | None = 0.15
+    ttft_slo: float | None = default("ttft_slo")
+    tbt_slo: float | None = default("tbt_slo")
     # Ascendra: escalate started requests with their KV (ours) or only unstarted ones (the paper's code).
     escalate_started: bool = True
     # Ablation: the stages at which an escalation is carried out (others are refused as filtered):
@@ -168,14 +170,11 @@ class Simulator:
         self.link = migration
         self.specs = plan_instances(cfg.policy, cfg.num_instances, cfg.num_hp)
         self.instances = [SimInstance(s, cfg, cost, model) for s in self.specs]
-        self.policy = build_policy(cfg, self.specs) if policy is None else policy
-        self._on_tokens = getattr(self.policy, "on_tokens", None)
-        self._on_migrated = getattr(self.policy, "on_migrated", None)
-        self._on_failed = getattr(self.policy, "on_migration_failed", None)
+        self.policy: Policy = build_policy(cfg, self.specs) if policy is None else policy
         for inst in self.instances:
             self.policy.set_alive(inst.iid, True)
-            if hasattr(self.policy, "configure_instance"):
-                self.policy.configure_instance(inst.iid, model.to_list(), cfg.chunk_size, cfg.max_num_seqs)
+            self.policy.configure_instance(inst.iid, model.to_list(), cfg.chunk_size, cfg.max_num_seqs,
+                                           cfg.block_size)
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []
         self._counter = 0
@@ -244,8 +243,7 @@ class Simulator:
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, seq: SimSequence, t: float) -> None:
         route = RouteRequest(seq.request_id, seq.num_prompt_tokens, seq.max_tokens, t, seq.ttft_slo, seq.tbt_slo)
-        would_miss = getattr(self.policy, "would_miss", None)
-        if self.cfg.admission and would_miss is not None and would_miss(route):
+        if self.cfg.admission and self.policy.would_miss(route):
             self.num_rejected += 1
             self._fail(seq, "rejected: 429, predicted to miss its TTFT objective")
             return
@@ -313,7 +311,7 @@ class Simulator:
         # each request's tokens, then finishes; escalations act at the workers' next boundary.
         policy = self.policy
         escalations = policy.on_step(inst.iid, self._step_output(inst, step, t, dur))
-        on_tokens = self._on_tokens
+        on_tokens = policy.on_tokens
         record = self.cfg.record_token_times
         for e in emitted:
             seq = e.seq
@@ -321,8 +319,7 @@ class Simulator:
                 seq.token_times.append(t)
             if e.first:
                 policy.on_first_token(seq.request_id)
-            if on_tokens is not None:
-                on_tokens(seq.request_id, 1, t)
+            on_tokens(seq.request_id, 1, t)
         for e in emitted:
             if e.finish_reason is not None:
                 seq = e.seq
@@ -358,8 +355,7 @@ class Simulator:
     # ------------------------------------------------------------------ escalation
     def _refuse(self, rid: str, t: float) -> None:
         self.mstats.failed += 1
-        if self._on_failed is not None:
-            self._on_failed(rid, t)
+        self.policy.on_migration_failed(rid, t)
 
     def _escalate(self, esc, t: float) -> None:
         rid = esc.request_id
@@ -378,8 +374,7 @@ class Simulator:
                  else "prefill" if seq.first_token_time is None else "decode")
         if stage not in self.cfg.escalate_stages:
             self.mstats.filtered += 1
-            if self._on_failed is not None:
-                self._on_failed(rid, t)
+            self.policy.on_migration_failed(rid, t)
             return
         if stage == "waiting":
             self._move_waiting(seq, src, dst, t)
@@ -387,8 +382,7 @@ class Simulator:
         if not self.cfg.escalate_started:
             # The paper's code only offloads requests that were never scheduled.
             self.mstats.filtered += 1
-            if self._on_failed is not None:
-                self._on_failed(rid, t)
+            self.policy.on_migration_failed(rid, t)
             return
         self.escalations_by_stage[stage] = self.escalations_by_stage.get(stage, 0) + 1
         snap = seq.num_computed_tokens // self.link.block_size
@@ -408,8 +402,7 @@ class Simulator:
         seq.instance = dst.iid
         seq.num_migrations += 1
         self.mstats.moved_waiting += 1
-        if self._on_migrated is not None:
-            self._on_migrated(seq.request_id, dst.iid, t)
+        self.policy.on_migrated(seq.request_id, dst.iid, t)
         self._kick(dst, t)
 
     def _bulk_done(self, mig: _Migration, t: float) -> None:
@@ -462,8 +455,7 @@ class Simulator:
         dst.core.attach(seq)
         self.mstats.moved_kv += 1
         self.mstats.frozen_s += t - mig.frozen_at
-        if self._on_migrated is not None:
-            self._on_migrated(seq.request_id, dst.iid, t)
+        self.policy.on_migrated(seq.request_id, dst.iid, t)
         self._kick(dst, t)
         self._kick(src, t)
 

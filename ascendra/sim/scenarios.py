@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ascendra.config import default
+
 
 # Step time of SmolLM2-135M on this project's 2-core CPU, as PerfModel coefficients (constant,
 # per prefill token, per attention pair, per decode, per decode context token): a 16-decode step
@@ -36,8 +38,8 @@ class Scenario:
     variants: tuple[str, ...] = ("vllm", "sarathi", "ascendra", "ascendra-unstarted")
     # (ablations per escalation stage: add --ablation, or list them with --policy)
     block_size: int = 16
-    max_num_seqs: int = 128
-    chunk_size: int = 512
+    max_num_seqs: int = default("max_num_seqs")
+    chunk_size: int = default("chunk_size")
     max_model_len: int = 8192
     link: str = "pcie4"
 

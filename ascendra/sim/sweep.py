@@ -107,7 +107,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
             "wall_s": wall, "events": res.num_events, "simulated_s": res.end_time,
             "migrations": res.migrations.as_dict(), "escalations": dict(sim.escalations_by_reason),
             "escalations_by_stage": dict(sim.escalations_by_stage), "rejected": sim.num_rejected,
-            "hopeless": {"policy": getattr(sim.policy, "num_hopeless", 0),
+            "hopeless": {"policy": sim.policy.num_hopeless,
                          "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
         },
