@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ascendra import config
 from ascendra.block_manager import BlockManager
 from ascendra.sequence import Sequence, SeqStatus
 
@@ -44,8 +45,8 @@ StepTimeFn = Callable[[int, int], float]
 @dataclass
 class SchedulerConfig:
     policy: str = "sarathi"
-    max_num_seqs: int = 128
-    chunk_size: int = 512  # token budget per step (sarathi, lp, hp)
+    max_num_seqs: int = config.default("max_num_seqs")
+    chunk_size: int = config.default("chunk_size")  # token budget per step (sarathi, lp, hp)
     max_model_len: int = 2048
 
     def __post_init__(self) -> None:

@@ -80,7 +80,7 @@ def main() -> None:
     model = resolve_model(args.model)
     contexts = [int(c) for c in args.contexts.split(",")]
     blocks = 2 * (max(contexts) + args.out_tokens) // 16 + 16
-    d = WorkerDriver(model.path, "--num-blocks", str(blocks), "--chunk-size", "512", "--profile", "off",
+    d = WorkerDriver(model.path, "--num-blocks", str(blocks), "--profile", "off",
                      "--device", args.device, "--threads", "1", worker_ids=(0, 1))
     rows = []
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ascendra import config
 from ascendra.instance import Instance, Step
 from ascendra.messages import AddRequest, RequestOutput, RequestState
 from ascendra.scheduler import SchedulerConfig, SchedulerOutput
@@ -64,8 +65,8 @@ class EngineConfig:
     num_blocks: int
     block_size: int = 16
     policy: str = "sarathi"
-    chunk_size: int = 512
-    max_num_seqs: int = 128
+    chunk_size: int = config.default("chunk_size")
+    max_num_seqs: int = config.default("max_num_seqs")
     max_model_len: int | None = None
     scatter_seed: int | None = None  # shuffle the free list (tests)
     share_pool: bool = True
