@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything that changes what a point measures; rates and policies may be added later.
     config = {k: getattr(a, k) for k in (
         "model", "num_instances", "server_cmd", "server_args", "dataset", "trace", "trace_start",
-        "arrivals", "burstiness", "num_requests", "duration", "prompt_len", "output_len",
+        "arrivals", "burstiness", "burst_cv", "slo_classes", "num_requests", "duration", "prompt_len", "output_len",
         "range_ratio", "prompt_scale", "output_scale", "max_prompt_len", "max_output_len", "seed",
         "max_concurrency", "timeout", "prompt_mode", "check_outputs", "ttft_slo", "tbt_slo", "slo_scale")}
     cfg_path = out / "config.json"
