@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda (one worker per visible GPU: cuda:0..N-1), or cuda:K")
     p.add_argument("--num-instances", type=int, default=None,
                    help="worker processes (default: 1 on cpu, the GPU count with --device cuda)")
-    p.add_argument("--policy", choices=["vllm", "sarathi", "ascendra"], default="vllm",
+    p.add_argument("--policy", choices=["vllm", "sarathi", "ascendra"], default=None,
                    help="vllm/sarathi: all instances mixed, round-robin routing; "
-                        "ascendra: low-priority (LP) + high-priority (HP) instances")
+                        "ascendra: low-priority (LP) + high-priority (HP) instances "
+                        "(default: ascendra with >= 2 instances, sarathi with one)")
     p.add_argument("--num-hp", type=int, default=None,
                    help="HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)")
     p.add_argument("--paper-escalation", action="store_true",
@@ -134,7 +135,8 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from ascendra.api import API, APILimits
-    from ascendra.coordinator import Coordinator, CoordinatorConfig, StartupError
+    from ascendra.coordinator import Coordinator, CoordinatorConfig, StartupError, expand_devices
+    from ascendra.defaults import policy_note
     from ascendra.models import ModelNotFound, resolve_model
 
     try:
@@ -143,12 +145,18 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     tokenizer = load_tokenizer(resolved.path)
+    try:
+        policy, why = policy_note(args.policy, len(expand_devices(args.device, args.num_instances)))
+    except StartupError as e:
+        log.error("%s", e)
+        return 2
+    log.info("policy %s (%s)", policy, why)
     config = CoordinatorConfig(
         model_path=resolved.path,
         model_name=args.served_model_name or resolved.name,
         device=args.device,
         num_instances=args.num_instances,
-        policy=args.policy,
+        policy=policy,
         num_hp=args.num_hp,
         escalate_started=not args.paper_escalation,
         force_escalation_after=args.force_escalation_after,
