@@ -21,7 +21,9 @@ from ascendra.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationRequest,
+    TokenizeRequest,
     chat_messages,
     chat_response,
     completion_response,
@@ -100,6 +102,15 @@ def _load_malloc_trim() -> Any:
 _malloc_trim = _load_malloc_trim()
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ascendra")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def _trim_heap() -> None:
     """glibc keeps the tokeniser's freed arenas (hundreds of MB for a multi-MB prompt);
     malloc_trim returns them, so one huge request does not leave the coordinator fat."""
@@ -175,6 +186,12 @@ class API:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        # vLLM's utility endpoints, so its clients and scripts find them here too.
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/ping", self.ping)
         app.router.add_get("/metrics", self.metrics)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -191,6 +208,54 @@ class API:
         # Short on purpose: worker pids and failure texts go to the log and /metrics.
         status = 200 if self.coord.healthy and self.coord.accepting else 503
         return json_response(msgspec.json.encode(self.coord.health()), status=status)
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """Liveness as vLLM answers it (SageMaker-style): 200 when serving, 503 otherwise."""
+        status = 200 if self.coord.healthy and self.coord.accepting else 503
+        return json_response(b"{}", status=status)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response(msgspec.json.encode({"version": _package_version()}))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req: TokenizeRequest = decode_request(await self._read_body(request), TokenizeRequest)
+        self._check_model(req.model)
+        tok = self.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("Send exactly one of prompt and messages.", param="prompt")
+        if req.prompt is not None:
+            text = req.prompt
+            self._check_chars(len(text), "prompt")
+            add = req.add_special_tokens
+            ids = await self._off_loop(lambda: tok.encode(text, add_special_tokens=add), len(text))
+        else:
+            chat = ChatCompletionRequest(messages=req.messages or [])
+            msgs = chat_messages(chat)
+            size = sum(len(x["content"]) for x in msgs)
+            self._check_chars(size, "messages")
+            gen = req.add_generation_prompt
+
+            def render() -> list[int]:
+                # As /v1/chat/completions does: the template adds the special tokens.
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                return tok.encode(text, add_special_tokens=False)
+
+            try:
+                ids = await self._off_loop(render, size)
+            except Exception as e:
+                raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": self._max_model_len(), "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return json_response(msgspec.json.encode(body))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req: DetokenizeRequest = decode_request(await self._read_body(request), DetokenizeRequest)
+        self._check_model(req.model)
+        ids = self._check_token_ids(req.tokens, "tokens")
+        dec = self.tokenizer.decode
+        text = await self._off_loop(lambda: dec(ids), len(ids) * 4)
+        return json_response(msgspec.json.encode({"prompt": text}))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.coord.render_metrics(), content_type="text/plain", charset="utf-8",
@@ -316,8 +381,11 @@ class API:
         validate_common(req)
         if req.stop_token_ids:
             self._check_token_ids(req.stop_token_ids, "stop_token_ids")
-        if req.model is not None and req.model not in self.accepted_models:
-            raise APIError(f"The model `{req.model}` does not exist.", status=404, type="NotFoundError",
+        self._check_model(req.model)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.accepted_models:
+            raise APIError(f"The model `{model}` does not exist.", status=404, type="NotFoundError",
                            param="model", code=404)
 
     def _max_model_len(self) -> int:
@@ -375,6 +443,9 @@ class API:
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         )
 
     async def _generate(

@@ -124,10 +124,11 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     # Ascendra extensions: per-request SLOs in milliseconds
     ttft_slo_ms: SloMs | None = None
     tbt_slo_ms: SloMs | None = None
+    # OpenAI's penalties in [-2, 2]; vLLM's repetition penalty, > 0 (1 = off)
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     # Accepted by OpenAI or vLLM, not implemented here: refused unless left at the default.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     length_penalty: float | None = None
     min_p: float | None = None
     logit_bias: Any = None
@@ -180,12 +181,25 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
     audio: Any = None
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize: either a prompt (as /v1/completions tokenises it) or chat messages."""
+
+    model: Name | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: Name | None = None
+    tokens: Annotated[list[TokenId], Meta(max_length=10_000_000)]
+
+
 # Field -> values that mean "not used". Anything else is refused with a 400 naming the
 # field, because ignoring it would give a silently wrong answer.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
     "length_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0),
     "logit_bias": (None, {}),

@@ -369,3 +369,60 @@ def test_metrics(server):
     assert m['ascendra:request_rejected_total{reason="invalid"}'] >= 1  # test_bad_input ran first
     assert "# TYPE ascendra:process_cpu_seconds_total counter" in text
     assert m["ascendra:process_cpu_seconds_total"] > 0
+
+
+# ---------------------------------------------------------------- vLLM's utility endpoints and penalties
+
+
+def test_tokenize_and_detokenize_round_trip(server):
+    from transformers import AutoTokenizer
+
+    from ascendra.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny").path)
+    status, body = server.post("/tokenize", {"prompt": "Hello there, world"})
+    assert status == 200, body
+    assert body["tokens"] == tok.encode("Hello there, world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 1024
+    status, body2 = server.post("/tokenize", {"prompt": "Hello", "add_special_tokens": False,
+                                              "return_token_strs": True})
+    assert body2["tokens"] == tok.encode("Hello", add_special_tokens=False)
+    assert body2["token_strs"] == tok.convert_ids_to_tokens(body2["tokens"])
+    status, back = server.post("/detokenize", {"tokens": tok.encode("Hello there, world", add_special_tokens=False)})
+    assert status == 200 and back == {"prompt": "Hello there, world"}
+    # Chat messages tokenise as /v1/chat/completions counts them in its usage.
+    msgs = [{"role": "user", "content": "Say hi"}]
+    status, chat = server.post("/tokenize", {"messages": msgs})
+    status, done = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert chat["count"] == done["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
+    ("/detokenize", {"tokens": [10_000_000]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_tokenize_errors_name_the_field(server, path, body, param):
+    status, err = server.post(path, body)
+    assert status in (400, 404) and err["error"]["param"] == param, err
+
+
+def test_version_and_ping(server):
+    status, _, raw = server.request("GET", "/version")
+    assert status == 200 and json.loads(raw)["version"]
+    for method in ("GET", "POST"):
+        status, _, _ = server.request(method, "/ping")
+        assert status == 200
+
+
+def test_penalties_are_applied_not_ignored(server):
+    base = {"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    _, plain = server.post("/v1/completions", base)
+    # Pulling hard towards repeats changes a greedy completion of the random-weight model.
+    _, pulled = server.post("/v1/completions", dict(base, presence_penalty=-2.0, repetition_penalty=0.2))
+    _, again = server.post("/v1/completions", dict(base, presence_penalty=-2.0, repetition_penalty=0.2))
+    assert plain["choices"][0]["text"] != pulled["choices"][0]["text"]
+    assert pulled["choices"][0]["text"] == again["choices"][0]["text"]

@@ -95,9 +95,10 @@ BAD_VALUES = [
     ("/v1/completions", dict(P, stop="x" * 300), "stop"),
     ("/v1/completions", dict(P, ttft_slo_ms=-1), "ttft_slo_ms"),
     # accepted by the schema but not implemented: refused instead of silently ignored
-    ("/v1/completions", dict(P, presence_penalty=0.5), "presence_penalty"),
-    ("/v1/completions", dict(P, frequency_penalty=-1.0), "frequency_penalty"),
-    ("/v1/completions", dict(P, repetition_penalty=1.3), "repetition_penalty"),
+    # penalties out of their ranges (OpenAI's [-2, 2]; repetition > 0)
+    ("/v1/completions", dict(P, presence_penalty=2.5), "presence_penalty"),
+    ("/v1/completions", dict(P, frequency_penalty=-3.0), "frequency_penalty"),
+    ("/v1/completions", dict(P, repetition_penalty=0), "repetition_penalty"),
     ("/v1/completions", dict(P, logit_bias={"5": 10}), "logit_bias"),
     ("/v1/completions", dict(P, min_p=0.1), "min_p"),
     ("/v1/completions", dict(P, best_of=2), "best_of"),
