@@ -24,13 +24,13 @@ from ascendra.protocol import (
     DetokenizeRequest,
     GenerationRequest,
     TokenizeRequest,
+    DONE,
     chat_messages,
-    chat_response,
-    completion_response,
+    choices_response,
     decode_request,
     models_response,
     new_id,
-    prompt_of,
+    prompts_of,
     stop_list,
     validate_common,
 )
@@ -314,17 +314,25 @@ class API:
         arrival = time.monotonic()
         req: CompletionRequest = decode_request(await self._read_body(request), CompletionRequest)
         self._check_common(req)
-        prompt = prompt_of(req)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError("prompt must not be empty.", param="prompt")
-            self._check_chars(len(prompt), "prompt")
-            encode = self.tokenizer.encode
-            ids = await self._off_loop(lambda: encode(prompt), len(prompt))
-        else:
-            ids = self._check_token_ids(prompt, "prompt")
-        max_tokens = self._max_tokens(req, ids, default=16, param="prompt")
-        return await self._generate(request, req, ids, max_tokens, arrival, chat=False)
+        all_ids: list[list[int]] = []
+        echoes: list[str] = []
+        encode, decode = self.tokenizer.encode, self.tokenizer.decode
+        for prompt in prompts_of(req):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise APIError("prompt must not be empty.", param="prompt")
+                self._check_chars(len(prompt), "prompt")
+                ids = await self._off_loop(lambda p=prompt: encode(p), len(prompt))
+                echo = prompt
+            else:
+                if not prompt:
+                    raise APIError("prompt must not be empty.", param="prompt")
+                ids = self._check_token_ids(prompt, "prompt")
+                echo = decode(ids) if req.echo else ""
+            all_ids.append(ids)
+            echoes.append(echo if req.echo else "")
+        max_tokens = [self._max_tokens(req, ids, default=16, param="prompt") for ids in all_ids]
+        return await self._generate(request, req, all_ids, max_tokens, arrival, chat=False, echoes=echoes)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -335,6 +343,8 @@ class API:
                 raise APIError(f"max_completion_tokens must be at least 1, got {req.max_tokens}.",
                                param="max_completion_tokens")
         self._check_common(req)
+        if req.echo:
+            raise APIError("echo is supported by /v1/completions only.", param="echo")
         msgs = chat_messages(req)
         self._check_chars(sum(len(x["content"]) for x in msgs), "messages")
         kwargs = self._template_kwargs(req)
@@ -353,7 +363,7 @@ class API:
             log.debug("chat template failed: %r", e)
             raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
         max_tokens = self._max_tokens(req, ids, default=None, param="messages")
-        return await self._generate(request, req, ids, max_tokens, arrival, chat=True)
+        return await self._generate(request, req, [ids], [max_tokens], arrival, chat=True)
 
     def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """chat_template_kwargs as apply_chat_template takes them; a request's own template only if allowed."""
@@ -432,14 +442,18 @@ class API:
             )
         return req.max_tokens
 
-    def _sampling(self, req: GenerationRequest, max_tokens: int) -> m.SamplingParams:
+    def _sampling(self, req: GenerationRequest, max_tokens: int, sample: int = 0) -> m.SamplingParams:
         top_k = req.top_k if req.top_k is not None else 0
+        # The n samples of one prompt draw from different streams, reproducibly under one seed.
+        seed = req.seed
+        if seed is not None and sample:
+            seed = (seed + sample + 2**63) % 2**64 - 2**63
         return m.SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature if req.temperature is not None else 1.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
             top_k=0 if top_k < 0 else top_k,
-            seed=req.seed,
+            seed=seed,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
@@ -449,35 +463,91 @@ class API:
         )
 
     async def _generate(
-        self, request: web.Request, req: GenerationRequest, ids: list[int], max_tokens: int, arrival: float, chat: bool
+        self, request: web.Request, req: GenerationRequest, prompts: list[list[int]], max_tokens: list[int],
+        arrival: float, chat: bool, echoes: list[str] | None = None,
     ) -> web.StreamResponse:
+        """One request per (prompt, sample): choice index = prompt index x n + sample."""
         coord = self.coord
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
-        chunks = ChunkWriter(rid, self.model_name, created, chat) if req.stream else None
-        st = coord.new_request(
-            rid, ids, self._sampling(req, max_tokens), arrival, stop_list(req.stop), chunks, include_usage,
-            ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
-            tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,
-        )
-        coord.submit(st)  # raises APIError (429 / 503) before anything is written
+        single = len(prompts) * req.n == 1
+        states: list[RequestState] = []
         try:
+            for i, ids in enumerate(prompts):
+                for j in range(req.n):
+                    index = i * req.n + j
+                    chunks = ChunkWriter(rid, self.model_name, created, chat, index) if req.stream else None
+                    st = coord.new_request(
+                        rid if single else f"{rid}-{index}", ids, self._sampling(req, max_tokens[i], j), arrival,
+                        stop_list(req.stop), chunks, include_usage and single,
+                        ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
+                        tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,
+                    )
+                    coord.submit(st)  # raises APIError (429 / 503) before anything is written
+                    states.append(st)
+            echo = [echoes[k // req.n] if echoes else "" for k in range(len(states))]
             if req.stream:
-                return await self._stream(request, st, chunks, chat)
-            await st.wait_done()
+                return await self._stream_all(request, states, chat, echo, prompts, include_usage)
+            for st in states:
+                await st.wait_done()
         except asyncio.CancelledError:  # the client closed the connection (handler_cancellation)
-            self._disconnected(st)
+            for st in states:
+                if not st.client_done:
+                    self._disconnected(st)
             raise
         finally:
-            if not st.client_done:
-                coord.abort(st)
-        if st.error is not None:
-            return error_response(st.error)
-        body = (chat_response if chat else completion_response)(
-            rid, self.model_name, created, st.text, st.finish_reason or "stop", len(ids), st.num_tokens
-        )
+            for st in states:
+                if not st.client_done:
+                    coord.abort(st)
+        for st in states:
+            if st.error is not None:
+                return error_response(st.error)
+        body = choices_response(
+            rid, self.model_name, created, [(e + st.text, st.finish_reason or "stop") for e, st in zip(echo, states)],
+            sum(len(ids) for ids in prompts), sum(st.num_tokens for st in states), chat)
         return json_response(body)
+
+    async def _stream_all(
+        self, request: web.Request, states: list[RequestState], chat: bool, echo: list[str],
+        prompts: list[list[int]], include_usage: bool,
+    ) -> web.StreamResponse:
+        if len(states) == 1 and not echo[0]:
+            return await self._stream(request, states[0], states[0].chunks, chat)
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        try:
+            await resp.prepare(request)
+            for st, e in zip(states, echo):
+                if chat and st.chunks is not None:
+                    await resp.write(st.chunks.role())
+                if e and st.chunks is not None:
+                    await resp.write(st.chunks.text(e))
+            if len(states) == 1:  # echo only: the one stream carries its own usage and [DONE]
+                await self._pump(resp, states[0])
+            else:
+                # Choices interleave as their tokens come; each sub-stream's [DONE] is dropped and
+                # one usage (prompts counted once each) and one [DONE] end the merged stream.
+                await asyncio.gather(*(self._pump(resp, st, strip_done=True) for st in states))
+                if include_usage and states[0].chunks is not None:
+                    await resp.write(states[0].chunks.usage(sum(len(ids) for ids in prompts),
+                                                            sum(st.num_tokens for st in states)))
+                await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionError:
+            for st in states:
+                if not st.client_done:
+                    self._disconnected(st)
+        return resp
+
+    async def _pump(self, resp: web.StreamResponse, st: RequestState, strip_done: bool = False) -> None:
+        while True:
+            data, last = await st.next_chunk()
+            if strip_done and last and data.endswith(DONE):
+                data = data[: -len(DONE)]
+            if data:
+                await resp.write(data)
+            if last:
+                return
 
     async def _stream(
         self, request: web.Request, st: RequestState, chunks: ChunkWriter | None, chat: bool
