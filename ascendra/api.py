@@ -22,14 +22,16 @@ from ascendra.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationRequest,
+    TokenizeRequest,
+    DONE,
     chat_messages,
-    chat_response,
-    completion_response,
+    choices_response,
     decode_request,
     models_response,
     new_id,
-    prompt_of,
+    prompts_of,
     stop_list,
     validate_common,
 )
@@ -99,6 +101,15 @@ def _load_malloc_trim() -> Any:
 
 
 _malloc_trim = _load_malloc_trim()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ascendra")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def _trim_heap() -> None:
@@ -176,6 +187,12 @@ class API:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        # vLLM's utility endpoints, so its clients and scripts find them here too.
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/ping", self.ping)
         app.router.add_get("/metrics", self.metrics)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -192,6 +209,54 @@ class API:
         # Short on purpose: worker pids and failure texts go to the log and /metrics.
         status = 200 if self.coord.healthy and self.coord.accepting else 503
         return json_response(msgspec.json.encode(self.coord.health()), status=status)
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """Liveness as vLLM answers it (SageMaker-style): 200 when serving, 503 otherwise."""
+        status = 200 if self.coord.healthy and self.coord.accepting else 503
+        return json_response(b"{}", status=status)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response(msgspec.json.encode({"version": _package_version()}))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req: TokenizeRequest = decode_request(await self._read_body(request), TokenizeRequest)
+        self._check_model(req.model)
+        tok = self.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("Send exactly one of prompt and messages.", param="prompt")
+        if req.prompt is not None:
+            text = req.prompt
+            self._check_chars(len(text), "prompt")
+            add = req.add_special_tokens
+            ids = await self._off_loop(lambda: tok.encode(text, add_special_tokens=add), len(text))
+        else:
+            chat = ChatCompletionRequest(messages=req.messages or [])
+            msgs = chat_messages(chat)
+            size = sum(len(x["content"]) for x in msgs)
+            self._check_chars(size, "messages")
+            gen = req.add_generation_prompt
+
+            def render() -> list[int]:
+                # As /v1/chat/completions does: the template adds the special tokens.
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                return tok.encode(text, add_special_tokens=False)
+
+            try:
+                ids = await self._off_loop(render, size)
+            except Exception as e:
+                raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": self._max_model_len(), "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return json_response(msgspec.json.encode(body))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req: DetokenizeRequest = decode_request(await self._read_body(request), DetokenizeRequest)
+        self._check_model(req.model)
+        ids = self._check_token_ids(req.tokens, "tokens")
+        dec = self.tokenizer.decode
+        text = await self._off_loop(lambda: dec(ids), len(ids) * 4)
+        return json_response(msgspec.json.encode({"prompt": text}))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.coord.render_metrics(), content_type="text/plain", charset="utf-8",
@@ -250,17 +315,25 @@ class API:
         arrival = time.monotonic()
         req: CompletionRequest = decode_request(await self._read_body(request), CompletionRequest)
         self._check_common(req)
-        prompt = prompt_of(req)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError("prompt must not be empty.", param="prompt")
-            self._check_chars(len(prompt), "prompt")
-            encode = self.tokenizer.encode
-            ids = await self._off_loop(lambda: encode(prompt), len(prompt))
-        else:
-            ids = self._check_token_ids(prompt, "prompt")
-        max_tokens = self._max_tokens(req, ids, default=16, param="prompt")
-        return await self._generate(request, req, ids, max_tokens, arrival, chat=False)
+        all_ids: list[list[int]] = []
+        echoes: list[str] = []
+        encode, decode = self.tokenizer.encode, self.tokenizer.decode
+        for prompt in prompts_of(req):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise APIError("prompt must not be empty.", param="prompt")
+                self._check_chars(len(prompt), "prompt")
+                ids = await self._off_loop(lambda p=prompt: encode(p), len(prompt))
+                echo = prompt
+            else:
+                if not prompt:
+                    raise APIError("prompt must not be empty.", param="prompt")
+                ids = self._check_token_ids(prompt, "prompt")
+                echo = decode(ids) if req.echo else ""
+            all_ids.append(ids)
+            echoes.append(echo if req.echo else "")
+        max_tokens = [self._max_tokens(req, ids, default=16, param="prompt") for ids in all_ids]
+        return await self._generate(request, req, all_ids, max_tokens, arrival, chat=False, echoes=echoes)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -271,6 +344,8 @@ class API:
                 raise APIError(f"max_completion_tokens must be at least 1, got {req.max_tokens}.",
                                param="max_completion_tokens")
         self._check_common(req)
+        if req.echo:
+            raise APIError("echo is supported by /v1/completions only.", param="echo")
         msgs = chat_messages(req)
         self._check_chars(sum(len(x["content"]) for x in msgs), "messages")
         kwargs = self._template_kwargs(req)
@@ -289,7 +364,7 @@ class API:
             log.debug("chat template failed: %r", e)
             raise APIError(f"Cannot apply the chat template: {_short(e)}", param="messages") from None
         max_tokens = self._max_tokens(req, ids, default=None, param="messages")
-        return await self._generate(request, req, ids, max_tokens, arrival, chat=True)
+        return await self._generate(request, req, [ids], [max_tokens], arrival, chat=True)
 
     def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """chat_template_kwargs as apply_chat_template takes them; a request's own template only if allowed."""
@@ -317,8 +392,11 @@ class API:
         validate_common(req)
         if req.stop_token_ids:
             self._check_token_ids(req.stop_token_ids, "stop_token_ids")
-        if req.model is not None and req.model not in self.accepted_models:
-            raise APIError(f"The model `{req.model}` does not exist.", status=404, type="NotFoundError",
+        self._check_model(req.model)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.accepted_models:
+            raise APIError(f"The model `{model}` does not exist.", status=404, type="NotFoundError",
                            param="model", code=404)
 
     def _max_model_len(self) -> int:
@@ -365,49 +443,112 @@ class API:
             )
         return req.max_tokens
 
-    def _sampling(self, req: GenerationRequest, max_tokens: int) -> m.SamplingParams:
+    def _sampling(self, req: GenerationRequest, max_tokens: int, sample: int = 0) -> m.SamplingParams:
         top_k = req.top_k if req.top_k is not None else 0
+        # The n samples of one prompt draw from different streams, reproducibly under one seed.
+        seed = req.seed
+        if seed is not None and sample:
+            seed = (seed + sample + 2**63) % 2**64 - 2**63
         return m.SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature if req.temperature is not None else 1.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
             top_k=0 if top_k < 0 else top_k,
-            seed=req.seed,
+            seed=seed,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         )
 
     async def _generate(
-        self, request: web.Request, req: GenerationRequest, ids: list[int], max_tokens: int, arrival: float, chat: bool
+        self, request: web.Request, req: GenerationRequest, prompts: list[list[int]], max_tokens: list[int],
+        arrival: float, chat: bool, echoes: list[str] | None = None,
     ) -> web.StreamResponse:
+        """One request per (prompt, sample): choice index = prompt index x n + sample."""
         coord = self.coord
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
-        chunks = ChunkWriter(rid, self.model_name, created, chat) if req.stream else None
-        st = coord.new_request(
-            rid, ids, self._sampling(req, max_tokens), arrival, stop_list(req.stop), chunks, include_usage,
-            ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
-            tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,
-        )
-        coord.submit(st)  # raises APIError (429 / 503) before anything is written
+        single = len(prompts) * req.n == 1
+        states: list[ServedRequest] = []
         try:
+            for i, ids in enumerate(prompts):
+                for j in range(req.n):
+                    index = i * req.n + j
+                    chunks = ChunkWriter(rid, self.model_name, created, chat, index) if req.stream else None
+                    st = coord.new_request(
+                        rid if single else f"{rid}-{index}", ids, self._sampling(req, max_tokens[i], j), arrival,
+                        stop_list(req.stop), chunks, include_usage and single,
+                        ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
+                        tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,
+                    )
+                    coord.submit(st)  # raises APIError (429 / 503) before anything is written
+                    states.append(st)
+            echo = [echoes[k // req.n] if echoes else "" for k in range(len(states))]
             if req.stream:
-                return await self._stream(request, st, chunks, chat)
-            await st.wait_done()
+                return await self._stream_all(request, states, chat, echo, prompts, include_usage)
+            for st in states:
+                await st.wait_done()
         except asyncio.CancelledError:  # the client closed the connection (handler_cancellation)
-            self._disconnected(st)
+            for st in states:
+                if not st.client_done:
+                    self._disconnected(st)
             raise
         finally:
-            if not st.client_done:
-                coord.abort(st)
-        if st.error is not None:
-            return error_response(st.error)
-        body = (chat_response if chat else completion_response)(
-            rid, self.model_name, created, st.text, st.finish_reason or "stop", len(ids), st.num_tokens
-        )
+            for st in states:
+                if not st.client_done:
+                    coord.abort(st)
+        for st in states:
+            if st.error is not None:
+                return error_response(st.error)
+        body = choices_response(
+            rid, self.model_name, created, [(e + st.text, st.finish_reason or "stop") for e, st in zip(echo, states)],
+            sum(len(ids) for ids in prompts), sum(st.num_tokens for st in states), chat)
         return json_response(body)
+
+    async def _stream_all(
+        self, request: web.Request, states: list[ServedRequest], chat: bool, echo: list[str],
+        prompts: list[list[int]], include_usage: bool,
+    ) -> web.StreamResponse:
+        if len(states) == 1 and not echo[0]:
+            return await self._stream(request, states[0], states[0].chunks, chat)
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        try:
+            await resp.prepare(request)
+            for st, e in zip(states, echo):
+                if chat and st.chunks is not None:
+                    await resp.write(st.chunks.role())
+                if e and st.chunks is not None:
+                    await resp.write(st.chunks.text(e))
+            if len(states) == 1:  # echo only: the one stream carries its own usage and [DONE]
+                await self._pump(resp, states[0])
+            else:
+                # Choices interleave as their tokens come; each sub-stream's [DONE] is dropped and
+                # one usage (prompts counted once each) and one [DONE] end the merged stream.
+                await asyncio.gather(*(self._pump(resp, st, strip_done=True) for st in states))
+                if include_usage and states[0].chunks is not None:
+                    await resp.write(states[0].chunks.usage(sum(len(ids) for ids in prompts),
+                                                            sum(st.num_tokens for st in states)))
+                await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionError:
+            for st in states:
+                if not st.client_done:
+                    self._disconnected(st)
+        return resp
+
+    async def _pump(self, resp: web.StreamResponse, st: ServedRequest, strip_done: bool = False) -> None:
+        while True:
+            data, last = await st.next_chunk()
+            if strip_done and last and data.endswith(DONE):
+                data = data[: -len(DONE)]
+            if data:
+                await resp.write(data)
+            if last:
+                return
 
     async def _stream(
         self, request: web.Request, st: ServedRequest, chunks: ChunkWriter | None, chat: bool

@@ -28,7 +28,7 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     # ---- the coordinator's policy
     policy: Annotated[PolicyName, Meta(description=(
         "vllm/sarathi: all instances mixed, round-robin routing; ascendra: low-priority (LP) + "
-        "high-priority (HP) instances"))] = "vllm"
+        "high-priority (HP) instances (default: ascendra with >= 2 instances, sarathi with one)"))] | None = None
     num_hp: Annotated[int, Meta(ge=0, description=(
         "HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)"))] | None = None
     escalate_started: bool = True  # ascendra: move started requests with their KV (--paper-escalation: off)

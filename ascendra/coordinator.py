@@ -34,6 +34,7 @@ from ascendra.protocol import APIError, ChunkWriter
 from ascendra.recorder import MetricsRecorder
 from ascendra.router import Policy, RouteRequest, plan_instances
 from ascendra.served_request import ServedRequest, unavailable
+from ascendra.defaults import default_policy
 from ascendra.supervisor import StartupError, WorkerHandle, WorkerSupervisor, expand_devices
 
 log = logging.getLogger("ascendra.coordinator")
@@ -49,8 +50,9 @@ class Coordinator:
         self.metrics = ServerMetrics()
         self.record = MetricsRecorder(self.metrics)
         devices = expand_devices(config.device, config.num_instances)
-        self.specs = plan_instances(config.policy, len(devices), config.num_hp)
-        self.policy: Policy = make_policy(config.policy, self.specs, escalate_started=config.escalate_started,
+        policy_name = config.policy or default_policy(len(devices))  # None: the default for this many
+        self.specs = plan_instances(policy_name, len(devices), config.num_hp)
+        self.policy: Policy = make_policy(policy_name, self.specs, escalate_started=config.escalate_started,
                                           force_escalation_after=config.force_escalation_after)
         self.requests: dict[str, ServedRequest] = {}
         self._frozen_since: dict[str, float] = {}  # escalated while decoding: frozen at, until its next token

@@ -33,6 +33,17 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     min_tokens: int = 0
+    # vLLM's penalties, applied to the logits before temperature (greedy rows too):
+    # repetition divides positive / multiplies negative logits of every token seen in the
+    # prompt or output; frequency subtracts penalty x count and presence subtracts penalty
+    # once, for each token of the output so far.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

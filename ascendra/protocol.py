@@ -113,7 +113,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Count = 1
+    n: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 1
     best_of: Count | None = None
     logprobs: Any = None
     echo: bool = False
@@ -124,10 +124,11 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     # Ascendra extensions: per-request SLOs in milliseconds
     ttft_slo_ms: SloMs | None = None
     tbt_slo_ms: SloMs | None = None
+    # OpenAI's penalties in [-2, 2]; vLLM's repetition penalty, > 0 (1 = off)
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     # Accepted by OpenAI or vLLM, not implemented here: refused unless left at the default.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     length_penalty: float | None = None
     min_p: float | None = None
     logit_bias: Any = None
@@ -180,12 +181,25 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
     audio: Any = None
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize: either a prompt (as /v1/completions tokenises it) or chat messages."""
+
+    model: Name | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: Name | None = None
+    tokens: Annotated[list[TokenId], Meta(max_length=10_000_000)]
+
+
 # Field -> values that mean "not used". Anything else is refused with a 400 naming the
 # field, because ignoring it would give a silently wrong answer.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
     "length_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0),
     "logit_bias": (None, {}),
@@ -241,16 +255,21 @@ def decode_request(body: bytes, cls: type) -> Any:
         raise APIError(f"Request body is not valid JSON: {e}", param=None) from None
 
 
+# One request fans out into at most this many sequences (prompts x n): each is a request of
+# its own on the workers, so the bound keeps one client from filling the queue in one call.
+MAX_CHOICES = 64
+
+
 def validate_common(req: GenerationRequest) -> None:
     """Value checks msgspec's types cannot express. Raises APIError naming the field."""
-    if req.n != 1:
-        raise APIError("Only n=1 is supported.", param="n")
-    if req.best_of is not None and req.best_of != 1:
-        raise APIError("Only best_of=1 is supported.", param="best_of")
+    if req.n > MAX_CHOICES:
+        raise APIError(f"n must be at most {MAX_CHOICES}, got {req.n}.", param="n")
+    if req.best_of is not None and req.best_of != req.n:
+        # best_of > n ranks candidates by cumulative logprob, which this server does not compute.
+        raise APIError(f"best_of other than n is not supported (got best_of={req.best_of}, n={req.n}).",
+                       param="best_of")
     if req.logprobs not in (None, False, 0):
         raise APIError("logprobs are not supported.", param="logprobs")
-    if req.echo:
-        raise APIError("echo is not supported.", param="echo")
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise APIError(f"max_tokens must be at least 1, got {req.max_tokens}.", param="max_tokens")
     if req.temperature is not None and 0 < req.temperature < TEMPERATURE_FLOOR:
@@ -279,6 +298,17 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if isinstance(stop, str):
         return [stop]
     return list(stop)
+
+
+def prompts_of(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request: one text or token-id list, or a list of them."""
+    p = req.prompt
+    if isinstance(p, list) and len(p) > 1 and not any(isinstance(x, int) for x in p):
+        if len(p) * req.n > MAX_CHOICES:
+            raise APIError(f"{len(p)} prompts x n={req.n} is more than {MAX_CHOICES} completions in one request.",
+                           param="prompt")
+        return list(p)  # type: ignore[arg-type]
+    return [prompt_of(req)]
 
 
 def prompt_of(req: CompletionRequest) -> str | list[int]:
@@ -345,15 +375,16 @@ class ChunkWriter:
 
     __slots__ = ("_head", "_tail", "_final_head", "_usage_head", "_chat")
 
-    def __init__(self, request_id: str, model: str, created: int, chat: bool) -> None:
+    def __init__(self, request_id: str, model: str, created: int, chat: bool, index: int = 0) -> None:
         enc = msgspec.json.encode
+        idx = str(index).encode()
         self._chat = chat
         if chat:
             obj = b'"chat.completion.chunk"'
             self._head = (
                 b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
                 + str(created).encode() + b',"model":' + enc(model)
-                + b',"choices":[{"index":0,"delta":{"content":'
+                + b',"choices":[{"index":' + idx + b',"delta":{"content":'
             )
             self._tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         else:
@@ -361,7 +392,7 @@ class ChunkWriter:
             self._head = (
                 b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
                 + str(created).encode() + b',"model":' + enc(model)
-                + b',"choices":[{"index":0,"text":'
+                + b',"choices":[{"index":' + idx + b',"text":'
             )
             self._tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
         self._usage_head = (
@@ -395,31 +426,35 @@ def completion_response(
     request_id: str, model: str, created: int, text: str, finish_reason: str,
     prompt_tokens: int, completion_tokens: int,
 ) -> bytes:
-    return msgspec.json.encode({
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage_dict(prompt_tokens, completion_tokens),
-    })
+    return choices_response(request_id, model, created, [(text, finish_reason)], prompt_tokens,
+                            completion_tokens, chat=False)
 
 
 def chat_response(
     request_id: str, model: str, created: int, text: str, finish_reason: str,
     prompt_tokens: int, completion_tokens: int,
 ) -> bytes:
+    return choices_response(request_id, model, created, [(text, finish_reason)], prompt_tokens,
+                            completion_tokens, chat=True)
+
+
+def choices_response(
+    request_id: str, model: str, created: int, choices: list[tuple[str, str]],
+    prompt_tokens: int, completion_tokens: int, chat: bool,
+) -> bytes:
+    """A non-streaming response with one choice per (text, finish_reason), indexed in order."""
+    if chat:
+        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
+    else:
+        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                 for i, (text, reason) in enumerate(choices)]
     return msgspec.json.encode({
         "id": request_id,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }],
+        "choices": items,
         "usage": usage_dict(prompt_tokens, completion_tokens),
     })
 

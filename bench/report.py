@@ -34,13 +34,15 @@ def markdown(summary: dict) -> str:
             pt = by.get((p, rate))
             cells.append("-" if pt is None else f"{pt['attainment']:.1%} ({pt['attainment_p99_tbt']:.1%})")
         lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
-    lines += ["", "| policy | rate | completed | failed | TTFT p50 / p99 (s) | mean TBT p50 / p99 (s) | out tok/s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| policy | rate | completed | failed | req/s | out tok/s | TTFT p50 / p99 (s) | "
+              "TPOT p50 / p99 (s) | goodput (req/s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for pt in summary["points"]:
         lines.append(f"| {pt['policy']} | {pt['rate']:g} | {pt['completed']} | {pt['failed']} | "
+                     f"{f(pt.get('request_throughput_rps'))} | {f(pt['output_tok_s'])} | "
                      f"{f(pt['ttft_p50_s'])} / {f(pt['ttft_p99_s'])} | "
-                     f"{f(pt['tbt_mean_p50_s'])} / {f(pt['tbt_mean_p99_s'])} | {f(pt['output_tok_s'])} |")
+                     f"{f(pt['tbt_mean_p50_s'])} / {f(pt['tbt_mean_p99_s'])} | {f(pt.get('goodput_rps'))} |")
     oc = summary.get("output_check")
     if oc:
         lines += ["", f"Greedy outputs vs {oc['reference']}: " + "; ".join(

@@ -25,8 +25,9 @@ def free_port() -> int:
 class ServerProcess:
     """One server subprocess in its own process group (so its workers stop with it)."""
 
-    def __init__(self, cmd: list[str], port: int, log_path: Path) -> None:
+    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.cmd, self.port, self.log_path = cmd, port, log_path
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.base_url = f"http://127.0.0.1:{port}"
 
@@ -35,7 +36,7 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         log.write(f"\n$ {shlex.join(self.cmd)}\n".encode())
         log.flush()
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **self.env)
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         log.close()

@@ -23,6 +23,11 @@ class ServerProcess:
 
     def __init__(self, *args: str, startup_timeout: float = 600.0) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if "--policy" not in args and "--default-policy" not in args:
+            # These tests were written against the round-robin baseline; the default policy
+            # (ascendra with >= 2 instances) has tests of its own.
+            args = ("--policy", "vllm", *args)
+        args = tuple(a for a in args if a != "--default-policy")
         cmd = [sys.executable, "-m", "ascendra.server", "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []

@@ -322,3 +322,46 @@ def test_compare_reports_a_server_that_does_not_start(tmp_path):
     assert "exited with status 3" in res.stderr and "no model here" in res.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["errors"]) == {"vllm", "sarathi"} and summary["points"] == []
+
+
+@pytest.mark.asyncio
+async def test_slo_classes_are_sent_per_request_and_scored_per_request():
+    from bench import metrics
+    from bench.args import parse_slo_classes
+    from bench.workloads import WorkloadConfig, build_workload
+
+    classes = parse_slo_classes("0.5:0.25:0.1,0.5:5:0.25")
+    sp = build_workload(WorkloadConfig(dataset="code", num_requests=8, rate=float("inf"), slo_classes=classes,
+                                       max_prompt_len=64, max_output_len=4, seed=3))
+    assert {(s.ttft_slo_s, s.tbt_slo_s) for s in sp} == {(0.25, 0.1), (5.0, 0.25)}
+    async with stub_server() as (server, url):
+        st = await go(ClientConfig(base_url=url, send_slo=True, ttft_slo_s=1.0, tbt_slo_s=0.15), sp)
+    bodies = {b["max_tokens"]: b for _, b in server.received if "ttft_slo_ms" in b}
+    sent = sorted((b["ttft_slo_ms"], b["tbt_slo_ms"]) for _, b in server.received if "ttft_slo_ms" in b)
+    assert bodies and sent == sorted((s.ttft_slo_s * 1000.0, s.tbt_slo_s * 1000.0) for s in sp)
+    assert [(r.ttft_slo_s, r.tbt_slo_s) for r in st.results] == [(s.ttft_slo_s, s.tbt_slo_s) for s in sp]
+    # A request with a TTFT between the two classes' objectives meets only the loose one.
+    r = st.results[0]
+    r.token_times_s = [r.send_s + 1.0]
+    r.success = True
+    assert metrics.meets_slo(r, 100.0, 100.0) == (r.ttft_slo_s == 5.0)
+
+
+def test_slo_classes_and_burst_cv_parse_or_refuse():
+    import argparse
+
+    from bench.args import parse_slo_classes
+    from bench.serve import build_parser, workload_from_args
+
+    assert parse_slo_classes("0.3:0.25:0.1,0.7:5:0.25") == ((0.3, 0.25, 0.1), (0.7, 5.0, 0.25))
+    for bad in ("0.3:0.25", "0.5:0.25:0.1", "1:x:0.1", "1:0:0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_slo_classes(bad)
+    a = build_parser().parse_args(["--dataset", "longbench", "--rate", "2", "--burst-cv", "3",
+                                   "--num-requests", "200", "--slo-classes", "0.3:0.25:0.1,0.7:5:0.25"])
+    sp = workload_from_args(a)
+    gaps = [b.arrival_s - x.arrival_s for x, b in zip(sp, sp[1:])]
+    mean = sum(gaps) / len(gaps)
+    cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+    assert cv > 1.5  # Poisson would be near 1
+    assert all(s.ttft_slo_s in (0.25, 5.0) for s in sp)

@@ -16,7 +16,7 @@ def test_server_flags_keep_their_documented_defaults():
     a = build_parser().parse_args([])
     assert (a.chunk_size, a.max_num_seqs, a.ttft_slo, a.tbt_slo, a.max_waiting) == (512, 128, 1.0, 0.15, 1024)
     assert (a.policy, a.device, a.num_instances, a.num_hp, a.block_size, a.admission) == (
-        "vllm", "cpu", None, None, None, False)
+        None, "cpu", None, None, None, False)
     cfg = config.from_args(a)
     assert cfg == DEFAULTS
 

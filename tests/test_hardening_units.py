@@ -80,7 +80,8 @@ def _err(body: bytes, cls=CompletionRequest) -> APIError:
     (b'{"prompt": "x", "temperature": 0.001}', "temperature"),
     (b'{"prompt": "x", "temperature": 1e999}', "temperature"),
     (b'{"prompt": "x", "tbt_slo_ms": 1e999}', "tbt_slo_ms"),
-    (b'{"prompt": "x", "presence_penalty": 1}', "presence_penalty"),
+    (b'{"prompt": "x", "presence_penalty": 2.01}', "presence_penalty"),
+    (b'{"prompt": "x", "repetition_penalty": -1}', "repetition_penalty"),
     (b'{"prompt": "x", "use_beam_search": true}', "use_beam_search"),
     (b'{"prompt": "x", "skip_special_tokens": false}', "skip_special_tokens"),
     (b'{"prompt": "x", "guided_json": {}}', "guided_json"),
@@ -94,7 +95,8 @@ def test_bounds_accept_the_edges():
     for body in (b'{"prompt": "x", "seed": -9223372036854775808}', b'{"prompt": "x", "seed": 9223372036854775807}',
                  b'{"prompt": "x", "temperature": 0}', b'{"prompt": "x", "temperature": 0.01}',
                  b'{"prompt": "x", "top_k": -1}', b'{"prompt": "x", "presence_penalty": 0.0}',
-                 b'{"prompt": "x", "repetition_penalty": 1}', b'{"prompt": "x", "stop": ["a", "b"]}'):
+                 b'{"prompt": "x", "repetition_penalty": 1}', b'{"prompt": "x", "presence_penalty": -2}',
+                 b'{"prompt": "x", "frequency_penalty": 2}', b'{"prompt": "x", "repetition_penalty": 1.3}', b'{"prompt": "x", "stop": ["a", "b"]}'):
         validate_common(decode_request(body, CompletionRequest))
     validate_common(decode_request(b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "none", '
                                    b'"response_format": {"type": "text"}}', ChatCompletionRequest))

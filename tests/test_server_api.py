@@ -293,7 +293,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a"] * 40, "n": 2}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "stop": 7}, 400, "stop"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
@@ -305,7 +306,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 65}, 400, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model"),
 ]
 
@@ -369,3 +370,118 @@ def test_metrics(server):
     assert m['ascendra:request_rejected_total{reason="invalid"}'] >= 1  # test_bad_input ran first
     assert "# TYPE ascendra:process_cpu_seconds_total counter" in text
     assert m["ascendra:process_cpu_seconds_total"] > 0
+
+
+# ---------------------------------------------------------------- vLLM's utility endpoints and penalties
+
+
+def test_tokenize_and_detokenize_round_trip(server):
+    from transformers import AutoTokenizer
+
+    from ascendra.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny").path)
+    status, body = server.post("/tokenize", {"prompt": "Hello there, world"})
+    assert status == 200, body
+    assert body["tokens"] == tok.encode("Hello there, world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 1024
+    status, body2 = server.post("/tokenize", {"prompt": "Hello", "add_special_tokens": False,
+                                              "return_token_strs": True})
+    assert body2["tokens"] == tok.encode("Hello", add_special_tokens=False)
+    assert body2["token_strs"] == tok.convert_ids_to_tokens(body2["tokens"])
+    status, back = server.post("/detokenize", {"tokens": tok.encode("Hello there, world", add_special_tokens=False)})
+    assert status == 200 and back == {"prompt": "Hello there, world"}
+    # Chat messages tokenise as /v1/chat/completions counts them in its usage.
+    msgs = [{"role": "user", "content": "Say hi"}]
+    status, chat = server.post("/tokenize", {"messages": msgs})
+    status, done = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert chat["count"] == done["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
+    ("/detokenize", {"tokens": [10_000_000]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_tokenize_errors_name_the_field(server, path, body, param):
+    status, err = server.post(path, body)
+    assert status in (400, 404) and err["error"]["param"] == param, err
+
+
+def test_version_and_ping(server):
+    status, _, raw = server.request("GET", "/version")
+    assert status == 200 and json.loads(raw)["version"]
+    for method in ("GET", "POST"):
+        status, _, _ = server.request(method, "/ping")
+        assert status == 200
+
+
+def test_penalties_are_applied_not_ignored(server):
+    base = {"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    _, plain = server.post("/v1/completions", base)
+    # Pulling hard towards repeats changes a greedy completion of the random-weight model.
+    _, pulled = server.post("/v1/completions", dict(base, presence_penalty=-2.0, repetition_penalty=0.2))
+    _, again = server.post("/v1/completions", dict(base, presence_penalty=-2.0, repetition_penalty=0.2))
+    assert plain["choices"][0]["text"] != pulled["choices"][0]["text"]
+    assert pulled["choices"][0]["text"] == again["choices"][0]["text"]
+
+
+# ---------------------------------------------------------------- n, prompt lists, echo
+
+
+def test_n_samples_and_prompt_lists_match_single_requests(server):
+    base = {"max_tokens": 6, "ignore_eos": True, "temperature": 0.8, "seed": 11}
+    _, many = server.post("/v1/completions", dict(base, prompt=["Hello", "The sky is"], n=2))
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+    assert many["usage"]["completion_tokens"] == 4 * 6
+    # Choice i*n + j is prompt i, sample j: sample 0 is what the request alone gives; sample 1
+    # draws from another stream.
+    for i, prompt in enumerate(["Hello", "The sky is"]):
+        _, one = server.post("/v1/completions", dict(base, prompt=prompt))
+        assert many["choices"][2 * i]["text"] == one["choices"][0]["text"]
+        assert many["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
+    assert many["choices"][0]["text"] != many["choices"][1]["text"]
+    # Token-id prompt lists are lists of lists.
+    _, ids = server.post("/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True})
+    assert len(ids["choices"]) == 2 and ids["usage"]["prompt_tokens"] == 5
+
+
+def test_n_streams_merge_with_choice_indices(server):
+    body = {"prompt": ["Hello", "Once upon"], "n": 2, "max_tokens": 5, "ignore_eos": True, "temperature": 0.7,
+            "seed": 3, "stream_options": {"include_usage": True}}
+    events = _stream(server, "/v1/completions", body)
+    assert events.count("[DONE]") == 1
+    texts: dict[int, str] = {}
+    finished = set()
+    for ev in events[:-1]:
+        if not ev["choices"]:
+            usage = ev["usage"]
+            continue
+        ch = ev["choices"][0]
+        texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+        if ch["finish_reason"]:
+            finished.add(ch["index"])
+    assert finished == {0, 1, 2, 3}
+    assert usage["completion_tokens"] == 20
+    _, whole = server.post("/v1/completions", dict(body, stream=False))
+    assert [texts[i] for i in range(4)] == [c["text"] for c in whole["choices"]]
+    # Chat: n choices, each opened by its own role delta.
+    events = _stream(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3,
+                                                      "max_tokens": 3, "ignore_eos": True})
+    roles = [ev["choices"][0]["index"] for ev in events[:-1] if ev["choices"] and "role" in ev["choices"][0]["delta"]]
+    assert sorted(roles) == [0, 1, 2]
+
+
+def test_echo_prepends_the_prompt(server):
+    body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    _, plain = server.post("/v1/completions", body)
+    _, echoed = server.post("/v1/completions", dict(body, echo=True))
+    assert echoed["choices"][0]["text"] == "Hello there" + plain["choices"][0]["text"]
+    assert _texts(_stream(server, "/v1/completions", dict(body, echo=True))) == echoed["choices"][0]["text"]
+    _, ids = server.post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "temperature": 0})
+    _, detok = server.post("/detokenize", {"tokens": [5, 6, 7]})
+    assert ids["choices"][0]["text"].startswith(detok["prompt"])

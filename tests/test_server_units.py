@@ -243,7 +243,8 @@ def _bad(body: bytes, cls=CompletionRequest) -> APIError:
     [
         (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens"),
         (b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
-        (b'{"prompt": "x", "n": 2}', "n"),
+        (b'{"prompt": "x", "n": 65}', "n"),
+        (b'{"prompt": "x", "n": 2, "best_of": 3}', "best_of"),
         (b'{"prompt": "x", "temperature": -1}', "temperature"),
         (b'{"prompt": "x", "top_p": 0}', "top_p"),
         (b'{"prompt": "x", "stop": 5}', "stop"),

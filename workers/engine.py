@@ -224,6 +224,7 @@ class Engine:
             [s.seq.num_output_tokens for s in sampling],
             [self._generators.get(s.seq.request_id) for s in sampling],
             [s.seq.request_id for s in sampling],
+            [(s.seq.token_ids, s.seq.num_prompt_tokens) for s in sampling],
         )
 
     def close(self) -> None:

@@ -34,11 +34,14 @@ class Sampler:
         num_outputs: list[int],  # tokens each request has produced so far
         generators: list[torch.Generator | None],
         request_ids: list[str] | None = None,
+        histories: list[tuple[list[int], int]] | None = None,  # (prompt + output ids, prompt length)
     ) -> list[int | SamplingError]:
         n, vocab = logits.shape
         out: list[int | SamplingError] = [0] * n
         if n == 0:
             return out
+        if histories is not None:
+            apply_penalties(logits, params, histories)
         self._ban_stops_below_min_tokens(logits, params, num_outputs)
         for i, rid in enumerate(request_ids or []):
             if rid in self.fail_request_ids or "*" in self.fail_request_ids:
@@ -119,3 +122,44 @@ class Sampler:
         drop = (sorted_probs.cumsum(-1) - sorted_probs) > limit[:, None]
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    histories: list[tuple[list[int], int]]) -> None:
+    """vLLM's repetition, frequency and presence penalties, in place, for the rows that set any.
+
+    The penalised rows are gathered into one sub-batch: token counts are built with one
+    index_put per kind, so the cost is one pass over the histories plus a few [rows, vocab]
+    element-wise ops.
+    """
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return
+    dev = logits.device
+    seen_r: list[int] = []  # (sub-row, token) of every prompt token (repetition penalty)
+    seen_t: list[int] = []
+    out_r: list[int] = []  # (sub-row, token) of every output token, with repeats
+    out_t: list[int] = []
+    for j, i in enumerate(rows):
+        ids, n_prompt = histories[i]
+        prompt, output = ids[:n_prompt], ids[n_prompt:]
+        if params[i].repetition_penalty != 1.0:
+            seen_r += [j] * len(prompt)
+            seen_t += prompt
+        out_r += [j] * len(output)
+        out_t += output
+    idx = torch.tensor(rows, device=dev)
+    sub = logits.index_select(0, idx)
+    counts = torch.zeros_like(sub)
+    if out_t:
+        counts.index_put_((torch.tensor(out_r, device=dev), torch.tensor(out_t, device=dev)),
+                          torch.ones(len(out_t), dtype=sub.dtype, device=dev), accumulate=True)
+    seen = counts > 0
+    if seen_t:
+        seen[torch.tensor(seen_r, device=dev), torch.tensor(seen_t, device=dev)] = True
+    col = lambda xs: torch.tensor(xs, dtype=sub.dtype).to(dev)[:, None]  # noqa: E731
+    rep = col([params[i].repetition_penalty for i in rows])
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - col([params[i].frequency_penalty for i in rows]) * counts
+    sub = sub - col([params[i].presence_penalty for i in rows]) * (counts > 0).to(sub.dtype)
+    logits.index_copy_(0, idx, sub)
