@@ -35,9 +35,13 @@ from ascendra.recorder import MetricsRecorder
 from ascendra.router import Policy, RouteRequest, plan_instances
 from ascendra.served_request import ServedRequest, unavailable
 from ascendra.defaults import default_policy
+from ascendra.layout import sibling_package
 from ascendra.supervisor import StartupError, WorkerHandle, WorkerSupervisor, expand_devices
 
 log = logging.getLogger("ascendra.coordinator")
+
+# `python -m workers` from a checkout, `python -m ascendra.workers` from an installed distribution.
+WORKERS_MODULE = sibling_package("workers")
 
 
 class Coordinator:
@@ -76,7 +80,7 @@ class Coordinator:
         """The worker's argv: the serving configuration, encoded once, and what is its own."""
         c = self.config
         cmd = [
-            sys.executable, "-m", "workers",
+            sys.executable, "-m", WORKERS_MODULE,
             "--config", serving_config.encode(c),
             "--coordinator", self.supervisor.address,
             "--worker-id", str(w.worker_id),

@@ -16,9 +16,19 @@ import pytest
 import bench.metrics
 import bench.report
 import bench.workloads
+from ascendra.coordinator import WORKERS_MODULE
+from ascendra.layout import sibling_package
 from ascendra.sim import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_checkout_uses_its_own_folders_and_an_install_the_ascendra_names():
+    # Run from the repository root (as the tests are), the checkout's folders are what import.
+    assert sibling_package("bench") == "bench" and sibling_package("workers") == "workers"
+    assert WORKERS_MODULE == "workers"
+    # A name this checkout has no folder for is looked up inside ascendra.
+    assert sibling_package("no_such_folder") == "ascendra.no_such_folder"
 
 
 def test_simulator_uses_the_checkouts_bench_modules():
@@ -41,9 +51,9 @@ def test_wheel_ships_no_generic_top_level_package(tmp_path):
         names = z.namelist()
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top == {"ascendra", "workers"}
+    assert top == {"ascendra"}
     for module in ("ascendra/bench/serve.py", "ascendra/bench/compare.py", "ascendra/bench/workloads.py",
-                   "ascendra/sim/benchlib.py", "workers/__main__.py"):
+                   "ascendra/sim/benchlib.py", "ascendra/workers/__main__.py", "ascendra/workers/engine.py"):
         assert module in names
     scripts = configparser.ConfigParser()
     scripts.read_string(entry_points)

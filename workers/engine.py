@@ -17,14 +17,14 @@ from ascendra.instance import Instance, Step
 from ascendra.messages import AddRequest, RequestOutput, RequestState
 from ascendra.scheduler import SchedulerConfig, SchedulerOutput
 from ascendra.sequence import Sequence
-from workers.device import (
+from .device import (
     FatalDeviceError,
     StepEvent,
     is_fatal_device_error,
     timed_clock,
 )
-from workers.kv_pool import KVPool
-from workers.sampler import Sampler, SamplingError
+from .kv_pool import KVPool
+from .sampler import Sampler, SamplingError
 
 
 class StepResult:

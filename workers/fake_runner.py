@@ -15,7 +15,7 @@ import torch
 
 from ascendra.messages import ModelInfo
 from ascendra.scheduler import ScheduledSeq
-from workers.kv_pool import KVPool
+from .kv_pool import KVPool
 
 
 class FakeRunner:

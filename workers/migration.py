@@ -12,9 +12,9 @@ import torch
 from ascendra.block_manager import blocks_for
 from ascendra.messages import KVSource, MigrationUpdate, RequestState
 from ascendra.sequence import SeqStatus, Sequence
-from workers.device import StepEvent, synchronize, timed_clock
-from workers.engine import Engine
-from workers.kv_pool import copy_blocks
+from .device import StepEvent, synchronize, timed_clock
+from .engine import Engine
+from .kv_pool import copy_blocks
 
 
 class Migrations:

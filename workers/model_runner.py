@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ascendra.messages import ModelInfo
 from ascendra.scheduler import ScheduledSeq
-from workers.attention import (
+from .attention import (
     DECODE_GATHER_TOKENS,
     AttentionMetadata,
     DecodeGroup,
@@ -24,7 +24,7 @@ from workers.attention import (
     decode_groups,
     paged_attention,
 )
-from workers.kv_pool import KVPool, dtype_name
+from .kv_pool import KVPool, dtype_name
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ascendra.models import cache_dir
 from ascendra.perf_model import BatchShape, PerfModel, prefill_shape
 from ascendra.scheduler import ScheduledSeq
 from ascendra.sequence import Sequence
-from workers.device import timed_clock
+from .device import timed_clock
 
 # Timed repetitions per shape after one warm-up run. On CUDA the median of several damps
 # clock and launch jitter; on CPU a call's wall time is its execution time and start-up

@@ -41,10 +41,10 @@ from ascendra.messages import (
 from ascendra.config import add_flags
 from ascendra.config import decode as decode_config
 from ascendra.perf_model import BatchShape, PerfModel
-from workers.device import is_fatal_device_error, set_device
-from workers.engine import Engine, EngineConfig, StepResult
-from workers.kv_pool import MAX_COPY_BYTES, PeerPool
-from workers.migration import Migrations
+from .device import is_fatal_device_error, set_device
+from .engine import Engine, EngineConfig, StepResult
+from .kv_pool import MAX_COPY_BYTES, PeerPool
+from .migration import Migrations
 
 log = logging.getLogger("ascendra.worker")
 
@@ -140,11 +140,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
     set_device(device)  # before any CUDA allocation: kernels, events and IPC land on this GPU
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     if args.fake_model:
-        from workers.fake_runner import FakeRunner
+        from .fake_runner import FakeRunner
 
         runner = FakeRunner(args.model, name, args.max_model_len, args.fake_step_time)
     else:
-        from workers.model_runner import ModelRunner
+        from .model_runner import ModelRunner
 
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         runner = ModelRunner(args.model, name, device, dtype, args.max_model_len)
@@ -171,7 +171,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
 def resolve_block_size(value: str | int, runner, device: torch.device) -> int:
     if str(value) != "auto":
         return int(value)
-    from workers.attention import default_block_size
+    from .attention import default_block_size
 
     return default_block_size(device.type, getattr(runner, "dtype", torch.float32))
 
@@ -378,7 +378,7 @@ class Worker:
     def _profile(self) -> list[float]:
         if self.args.profile == "off" or self.args.fake_model:
             return []
-        from workers.profiler import fit_or_load
+        from .profiler import fit_or_load
 
         e = self.engine
         assert e is not None

@@ -10,20 +10,10 @@ under two module names, and re-exports what the simulator needs.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from pathlib import Path
 
+from ascendra.layout import sibling_package
 
-def _package() -> str:
-    checkout = Path(__file__).resolve().parents[2] / "bench" / "__init__.py"
-    if checkout.is_file():
-        spec = importlib.util.find_spec("bench")
-        if spec is not None and spec.origin is not None and Path(spec.origin).resolve() == checkout:
-            return "bench"
-    return "ascendra.bench"
-
-
-PACKAGE = _package()
+PACKAGE = sibling_package("bench")
 
 
 def _module(name: str):
