@@ -84,7 +84,9 @@ def peer_cmd(a: argparse.Namespace, peer: str, port: int) -> tuple[list[str], di
     cmd = [str(exe), "serve", model.path, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", model.name]
     shim = str(Path(__file__).resolve().parent / "vllm_shim")
-    env = {"PYTHONPATH": shim, "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+    # The shim's dist-info names the distribution "vllm", so vLLM cannot tell its CPU build from the
+    # version string: say so explicitly.
+    env = {"PYTHONPATH": shim, "VLLM_TARGET_DEVICE": "cpu", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1"}
     return cmd + shlex.split(a.peer_args), env
 
