@@ -110,6 +110,7 @@ BAD_VALUES = [
     ("/v1/chat/completions", dict(C, response_format={"type": "json_object"}), "response_format"),
     ("/v1/chat/completions", dict(C, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("/v1/chat/completions", dict(C, top_logprobs=3), "top_logprobs"),
+    ("/v1/chat/completions", dict(C, n=0), "n"),
     # a request's own Jinja template is a program: refused unless the server allows it
     ("/v1/chat/completions", dict(C, chat_template_kwargs={"chat_template": "{% for i in range(600) %}{% endfor %}"}),
      "chat_template_kwargs"),
