@@ -16,10 +16,11 @@ from aiohttp import web
 
 from ascendra import messages as m
 from ascendra.coordinator import Coordinator
-from ascendra.served_request import ServedRequest
+from ascendra.served_request import OutputOptions, ServedRequest
 from ascendra.protocol import (
     APIError,
     ChatCompletionRequest,
+    Choice,
     ChunkWriter,
     CompletionRequest,
     DetokenizeRequest,
@@ -29,6 +30,7 @@ from ascendra.protocol import (
     chat_messages,
     choices_response,
     decode_request,
+    logprobs_of,
     models_response,
     new_id,
     prompts_of,
@@ -338,11 +340,12 @@ class API:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
         req: ChatCompletionRequest = decode_request(await self._read_body(request), ChatCompletionRequest)
-        if req.max_tokens is None and req.max_completion_tokens is not None:
-            req.max_tokens = req.max_completion_tokens
-            if req.max_tokens <= 0:
-                raise APIError(f"max_completion_tokens must be at least 1, got {req.max_tokens}.",
+        if req.max_completion_tokens is not None:
+            # OpenAI's successor of max_tokens; it wins when both are sent, as in vLLM.
+            if req.max_completion_tokens <= 0:
+                raise APIError(f"max_completion_tokens must be at least 1, got {req.max_completion_tokens}.",
                                param="max_completion_tokens")
+            req.max_tokens = req.max_completion_tokens
         self._check_common(req)
         if req.echo:
             raise APIError("echo is supported by /v1/completions only.", param="echo")
@@ -461,6 +464,7 @@ class API:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+            logprobs=logprobs_of(req),
         )
 
     async def _generate(
@@ -473,17 +477,23 @@ class API:
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
         single = len(prompts) * req.n == 1
+        options = OutputOptions(include_stop_str=req.include_stop_str_in_output,
+                                skip_special_tokens=req.skip_special_tokens, return_token_ids=req.return_token_ids,
+                                tokens_as_ids=req.return_tokens_as_token_ids, chat=chat)
+        want_ids = req.return_token_ids
         states: list[ServedRequest] = []
         try:
             for i, ids in enumerate(prompts):
                 for j in range(req.n):
                     index = i * req.n + j
-                    chunks = ChunkWriter(rid, self.model_name, created, chat, index) if req.stream else None
+                    chunks = ChunkWriter(rid, self.model_name, created, chat, index,
+                                         prompt_ids=ids if want_ids else None) if req.stream else None
                     st = coord.new_request(
                         rid if single else f"{rid}-{index}", ids, self._sampling(req, max_tokens[i], j), arrival,
                         stop_list(req.stop), chunks, include_usage and single,
                         ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
                         tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,
+                        options=options,
                     )
                     coord.submit(st)  # raises APIError (429 / 503) before anything is written
                     states.append(st)
@@ -504,9 +514,13 @@ class API:
         for st in states:
             if st.error is not None:
                 return error_response(st.error)
-        body = choices_response(
-            rid, self.model_name, created, [(e + st.text, st.finish_reason or "stop") for e, st in zip(echo, states)],
-            sum(len(ids) for ids in prompts), sum(st.num_tokens for st in states), chat)
+        choices = []
+        for k, (e, st) in enumerate(zip(echo, states)):
+            logprobs, token_ids = st.log.all() if st.log is not None else (None, None)
+            choices.append(Choice(e + st.text, st.finish_reason or "stop", logprobs, token_ids,
+                                  prompts[k // req.n] if want_ids else None))
+        body = choices_response(rid, self.model_name, created, choices, sum(len(ids) for ids in prompts),
+                                sum(st.num_tokens for st in states), chat)
         return json_response(body)
 
     async def _stream_all(
@@ -518,17 +532,18 @@ class API:
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         try:
             await resp.prepare(request)
-            for st, e in zip(states, echo):
-                if chat and st.chunks is not None:
-                    await resp.write(st.chunks.role())
-                if e and st.chunks is not None:
-                    await resp.write(st.chunks.text(e))
+            # Each choice opens with its role delta (chat) and echoed prompt, sent with its first
+            # token: clients time the first chunk with choices as the first token.
+            heads = [(st.chunks.role() if chat and st.chunks is not None else b"")
+                     + (st.chunks.text(e) if e and st.chunks is not None else b"")
+                     for st, e in zip(states, echo)]
             if len(states) == 1:  # echo only: the one stream carries its own usage and [DONE]
-                await self._pump(resp, states[0])
+                await self._pump(resp, states[0], head=heads[0])
             else:
                 # Choices interleave as their tokens come; each sub-stream's [DONE] is dropped and
                 # one usage (prompts counted once each) and one [DONE] end the merged stream.
-                await asyncio.gather(*(self._pump(resp, st, strip_done=True) for st in states))
+                await asyncio.gather(*(self._pump(resp, st, strip_done=True, head=h)
+                                       for st, h in zip(states, heads)))
                 if include_usage and states[0].chunks is not None:
                     await resp.write(states[0].chunks.usage(sum(len(ids) for ids in prompts),
                                                             sum(st.num_tokens for st in states)))
@@ -540,11 +555,15 @@ class API:
                     self._disconnected(st)
         return resp
 
-    async def _pump(self, resp: web.StreamResponse, st: ServedRequest, strip_done: bool = False) -> None:
+    async def _pump(self, resp: web.StreamResponse, st: ServedRequest, strip_done: bool = False,
+                    head: bytes = b"") -> None:
+        """Write the request's chunks as they come; ``head`` goes out with the first of them."""
         while True:
             data, last = await st.next_chunk()
             if strip_done and last and data.endswith(DONE):
                 data = data[: -len(DONE)]
+            if head and (data or last):
+                data, head = head + data, b""
             if data:
                 await resp.write(data)
             if last:
@@ -556,14 +575,9 @@ class API:
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         try:
             await resp.prepare(request)
-            if chat and chunks is not None:
-                await resp.write(chunks.role())
-            while True:
-                data, last = await st.next_chunk()
-                if data:
-                    await resp.write(data)
-                if last:
-                    break
+            # The role delta waits for the first token, as vLLM's does: a client that times the
+            # first chunk carrying choices (vllm bench serve) then measures the real TTFT.
+            await self._pump(resp, st, head=chunks.role() if chat and chunks is not None else b"")
             await resp.write_eof()
         except ConnectionError:  # an ordinary disconnect mid-stream: not a server error
             self._disconnected(st)

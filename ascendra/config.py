@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 PolicyName = Literal["vllm", "sarathi", "ascendra"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -25,6 +26,9 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     device: Annotated[str, Meta(description="cpu, cuda (one worker per visible GPU: cuda:0..N-1), or cuda:K")] = "cpu"
     num_instances: Annotated[int, Meta(ge=1, description=(
         "worker processes (default: 1 on cpu, the GPU count with --device cuda)"))] | None = None
+    dtype: Annotated[DtypeName, Meta(description=(
+        "weights, activations and KV cache: auto (bf16 on CUDA and on CPUs with native bf16 "
+        "arithmetic, else float32), float32, bfloat16, float16"))] = "auto"
     # ---- the coordinator's policy
     policy: Annotated[PolicyName, Meta(description=(
         "vllm/sarathi: all instances mixed, round-robin routing; ascendra: low-priority (LP) + "

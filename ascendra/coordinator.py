@@ -33,7 +33,8 @@ from ascendra.policies import make_policy
 from ascendra.protocol import APIError, ChunkWriter
 from ascendra.recorder import MetricsRecorder
 from ascendra.router import Policy, RouteRequest, plan_instances
-from ascendra.served_request import ServedRequest, unavailable
+from ascendra.served_request import OutputOptions, ServedRequest, unavailable
+from ascendra.token_log import TokenLog
 from ascendra.defaults import default_policy
 from ascendra.layout import sibling_package
 from ascendra.supervisor import StartupError, WorkerHandle, WorkerSupervisor, expand_devices
@@ -42,6 +43,14 @@ log = logging.getLogger("ascendra.coordinator")
 
 # `python -m workers` from a checkout, `python -m ascendra.workers` from an installed distribution.
 WORKERS_MODULE = sibling_package("workers")
+
+
+def cpu_worker_threads(cpus: int, num_workers: int) -> int:
+    """Torch threads per CPU worker: the cores split between workers, less one kept for this
+    process (HTTP, tokenizer, detokenizer), as vLLM's CPU backend keeps one. An OpenMP thread
+    sharing its core with another busy process stalls each parallel region at its barrier: on
+    2 cores, 1 thread ran SmolLM2's decode ~4x faster than 2 next to other work."""
+    return max(1, (cpus - 1) // num_workers)
 
 
 class Coordinator:
@@ -90,8 +99,7 @@ class Coordinator:
             "--parent-pid", str(os.getpid()),
         ]
         if w.device == "cpu" and not c.fake_model:
-            # Split the cores between CPU workers instead of letting each torch take all of them.
-            cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(self.workers)))]
+            cmd += ["--threads", str(cpu_worker_threads(os.cpu_count() or 1, len(self.workers)))]
         if w.device.startswith("cuda"):
             share = sum(o.device == w.device for o in self.workers)
             cmd += ["--device-share", str(share), "--num-peers", str(len(self.workers) - 1)]
@@ -182,11 +190,20 @@ class Coordinator:
                 policy.on_tokens(st.request_id, n, now)
                 if frozen and st.request_id in frozen:
                     record.downtime(now - frozen.pop(st.request_id))
-                text = st.detok.feed(ids) if not st.client_done else ""
+                if st.client_done:
+                    text = ""
+                else:
+                    if st.log is not None:
+                        st.log.add(out)
+                    # A stop token (EOS, stop_token_ids) ends the request; its text is left out
+                    # unless include_stop_str_in_output asks for it (vLLM's rule).
+                    if out.finish_reason == "stop" and not st.options.include_stop_str:
+                        ids = ids[:-1]
+                    text = st.detok.feed(ids) if ids else ""
             else:
                 text = ""
             if out.finish_reason is None:
-                if text:
+                if text or (st.log is not None and st.log.pending and not st.client_done):
                     self._emit(st, text, now)
             else:
                 requests.pop(out.request_id, None)
@@ -270,7 +287,7 @@ class Coordinator:
                 st.finish("stop", text)
                 self._abort_on_workers(st)
                 return
-        if text:
+        if text or st.log is not None:
             st.push(text)
 
     def _end_from_worker(self, st: ServedRequest, out: m.RequestOutput, text: str, now: float) -> None:
@@ -316,12 +333,19 @@ class Coordinator:
         include_usage: bool = False,
         ttft_slo: float | None = None,
         tbt_slo: float | None = None,
+        options: OutputOptions | None = None,
     ) -> ServedRequest:
+        options = options or OutputOptions()
+        log = None
+        if options.return_token_ids or sampling.logprobs is not None:
+            log = TokenLog(options.return_token_ids, sampling.logprobs, options.chat, self.detok_factory.piece,
+                           options.tokens_as_ids)
         return ServedRequest(
             request_id, prompt_ids, sampling, arrival,
             ttft_slo if ttft_slo is not None else self.config.ttft_slo,
             tbt_slo if tbt_slo is not None else self.config.tbt_slo,
-            self.detok_factory.new(prompt_ids), stops, chunks, include_usage,
+            self.detok_factory.new(prompt_ids, options.skip_special_tokens), stops, chunks, include_usage,
+            options, log,
         )
 
     def submit(self, st: ServedRequest) -> None:

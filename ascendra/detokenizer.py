@@ -90,12 +90,16 @@ class WindowDetokenizer:
 
 
 class DetokenizerFactory:
-    """Creates a per-request detokenizer for one tokenizer (skipping special tokens)."""
+    """Creates a per-request detokenizer for one tokenizer: special tokens skipped (the
+    default) or kept (``skip_special_tokens: false``), and gives each token's own bytes."""
+
+    _UNBUILT: Any = object()
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self.table: list[bytes] | None = self._build_byte_table()
+        self._keep_table: list[bytes] | None = self._UNBUILT  # built on first use
 
     @property
     def fast(self) -> bool:
@@ -104,7 +108,24 @@ class DetokenizerFactory:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _build_byte_table(self) -> list[bytes] | None:
+    def _decode_keep(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    @property
+    def keep_table(self) -> list[bytes] | None:
+        """The byte table with special tokens as their text (None: not a byte-level vocabulary)."""
+        if self._keep_table is self._UNBUILT:
+            self._keep_table = self._build_byte_table(keep_special=True) if self.table is not None else None
+        return self._keep_table
+
+    def piece(self, token_id: int) -> bytes:
+        """One token's bytes as the tokenizer writes it, special tokens included (for logprobs)."""
+        table = self.keep_table
+        if table is not None:
+            return table[token_id] if 0 <= token_id < len(table) else b""
+        return self._decode_keep([token_id]).encode()
+
+    def _build_byte_table(self, keep_special: bool = False) -> list[bytes] | None:
         tok = self._tokenizer
         try:
             from tokenizers import decoders
@@ -123,36 +144,42 @@ class DetokenizerFactory:
         table = [b""] * size
         for piece, i in vocab.items():
             if i in added:
-                table[i] = b"" if (added[i].special or i in self._special) else added[i].content.encode()
+                skip = not keep_special and (added[i].special or i in self._special)
+                table[i] = b"" if skip else added[i].content.encode()
                 continue
             try:
                 table[i] = bytes(alphabet[c] for c in piece)
             except KeyError:
                 return None  # not a byte-level vocabulary after all
-        for i in self._special:
-            if 0 <= i < size:
-                table[i] = b""
-        if not self._verify(table):
+        if not keep_special:
+            for i in self._special:
+                if 0 <= i < size:
+                    table[i] = b""
+        if not self._verify(table, self._decode_keep if keep_special else self._decode):
             return None
         return table
 
-    def _verify(self, table: list[bytes]) -> bool:
+    def _verify(self, table: list[bytes], decode: Callable[[list[int]], str]) -> bool:
         """Check the table reproduces tokenizer.decode on random and real sequences."""
         rng = random.Random(0)
         n = len(table)
         samples = [[rng.randrange(n) for _ in range(rng.randint(1, 24))] for _ in range(64)]
         samples.append(self._tokenizer.encode("Hello, world! Ünïcödé 日本語 🙂  tabs\tand\nnewlines", add_special_tokens=False))
+        specials = sorted(i for i in self._special if 0 <= i < n)
+        if specials:  # every special token, between ordinary ones
+            samples.append([x for i in specials for x in (samples[-1][0], i)])
         for ids in samples:
-            want = self._decode(ids)
+            want = decode(ids)
             got = b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
             if got != want:
                 return False
         return True
 
-    def new(self, prompt_ids: list[int]) -> ByteLevelDetokenizer | WindowDetokenizer:
-        if self.table is not None:
-            return ByteLevelDetokenizer(self.table)
-        return WindowDetokenizer(self._decode, prompt_ids[-6:])
+    def new(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> ByteLevelDetokenizer | WindowDetokenizer:
+        table = self.table if skip_special_tokens else self.keep_table
+        if table is not None:
+            return ByteLevelDetokenizer(table)
+        return WindowDetokenizer(self._decode if skip_special_tokens else self._decode_keep, prompt_ids[-6:])
 
 
 class StopChecker:
@@ -165,18 +192,25 @@ class StopChecker:
     number and length (the API bounds both).
     """
 
-    __slots__ = ("_stops", "_held", "_prefixes", "_firsts", "_longest")
+    __slots__ = ("_stops", "_held", "_prefixes", "_firsts", "_longest", "_include", "_seen")
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include: bool = False) -> None:
         self._stops = list(dict.fromkeys(s for s in stops if s))
         self._held = ""
+        # include_stop_str_in_output: the text keeps the stop string, so nothing is held back;
+        # the last emitted characters are remembered to find a stop split across tokens.
+        self._include = include
+        self._seen = ""
         # Every proper prefix of every stop string: what the end of the text may be holding.
         self._prefixes = {s[:k] for s in self._stops for k in range(1, len(s))}
         self._firsts = {s[0] for s in self._stops}
         self._longest = max((len(s) for s in self._stops), default=0)
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, matched). On a match the text ends before the stop."""
+        """Returns (text safe to emit, matched). On a match the text ends before the stop
+        (or right after it, with ``include``)."""
+        if self._include:
+            return self._feed_including(text)
         buf = self._held + text if self._held else text
         if not buf:
             return "", False
@@ -200,6 +234,19 @@ class StopChecker:
             return buf[:-keep], False
         self._held = ""
         return buf, False
+
+    def _feed_including(self, text: str) -> tuple[str, bool]:
+        seen = self._seen
+        buf = seen + text
+        end = -1  # where the earliest-ending stop string ends in buf
+        for s in self._stops:
+            i = buf.find(s)
+            if i != -1 and (end == -1 or i + len(s) < end):
+                end = i + len(s)
+        if end != -1:
+            return buf[len(seen):end], True
+        self._seen = buf[-(self._longest - 1):] if self._longest > 1 else ""
+        return text, False
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -15,6 +15,9 @@ from typing import Literal
 
 import msgspec
 
+# Most logprob alternatives per token a request may ask for (vLLM's default --max-logprobs).
+MAX_LOGPROBS = 20
+
 # Closed vocabularies: the decoders reject any other value.
 Role = Literal["mixed", "lp", "hp"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -40,6 +43,10 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Report the sampled token's log-probability and this many top alternatives (None: off).
+    # Taken from the raw model distribution, log_softmax of the logits before penalties,
+    # temperature and top-k/top-p: vLLM's default (logprobs_mode "raw_logprobs").
+    logprobs: int | None = None
 
     @property
     def has_penalties(self) -> bool:
@@ -223,6 +230,11 @@ class RequestOutput(msgspec.Struct, frozen=True, omit_defaults=True):
     finish_reason: FinishReason | None = None  # None while running
     error: str | None = None  # human-readable reason when finish_reason == "error"
     num_prompt_tokens: int = 0
+    # Only for requests whose sampling sets ``logprobs`` (k): per new token its log-probability,
+    # and k (id, log-probability) alternatives, best first, flattened token after token.
+    logprobs: list[float] = []
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
 
 
 class MigrationUpdate(msgspec.Struct, frozen=True, omit_defaults=True):

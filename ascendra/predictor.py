@@ -19,6 +19,12 @@ the times they measured or simulated.
   own recent p90 relative error, not a per-model constant. Started requests move with
   their KV (``escalate_started``; off reproduces the paper's code, which only moves
   requests that have not started).
+- Roles that follow the load (``adaptive_roles``, off by default): the split starts as planned;
+  an LP step that finds a request at risk that no HP can take promotes the least-loaded other LP
+  to HP at once, and an HP that no escalation has reached for ``ROLE_IDLE_TTFTS`` times the
+  longest TTFT objective seen, nor any role changed, goes back to LP (one LP always remains). The local batch rules of the
+  two roles are the same (``scheduler.py``), so a role is the policy's alone: routing, the
+  ticket and escalation follow it, and the worker is not told.
 - The hopeless yield: a request whose TTFT passed without a first token, or whose first
   token came too late, is never escalated (moving it saves nobody); hopeless prompts still
   waiting on an LP spill to an HP holding the ticket, so when the objectives are out of reach
@@ -28,7 +34,7 @@ the times they measured or simulated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ascendra.block_manager import blocks_for
 from ascendra.config import default
@@ -47,6 +53,9 @@ HP_FREE_BLOCK_RESERVE = 0.1
 ESCALATION_GROWTH_TOKENS = 64
 # A decode this close to its last token is not worth moving for its TBT.
 MIN_TOKENS_LEFT_TO_ESCALATE = 4
+# Adaptive roles: an HP no escalation reached for this many times the longest TTFT objective seen,
+# and no role change either, returns to LP (hysteresis against flapping).
+ROLE_IDLE_TTFTS = 4.0
 
 
 @dataclass
@@ -101,8 +110,13 @@ class AscendraPolicy(Policy):
 
     def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
                  max_incoming_per_hp: int = 2, retry_delay: float = 0.5,
-                 force_escalation_after: int | None = None) -> None:
+                 force_escalation_after: int | None = None, adaptive_roles: bool = False) -> None:
         super().__init__(specs)
+        self.adaptive_roles = adaptive_roles
+        self.role_changes: list[tuple[float, int, str]] = []  # (time, instance, new role)
+        self._last_role_change = -math.inf
+        self._last_escalated_to = {s.instance_id: -math.inf for s in specs}  # HP: when it last got one
+        self._longest_ttft = 0.0
         self.escalate_started = escalate_started
         # Testing and measurement: escalate every LP request after this many tokens.
         self.force_after = force_escalation_after
@@ -179,6 +193,8 @@ class AscendraPolicy(Policy):
 
     def on_dispatch(self, instance_id: int, req: RouteRequest) -> None:
         super().on_dispatch(instance_id, req)
+        if req.ttft_slo is not None and req.ttft_slo > self._longest_ttft:
+            self._longest_ttft = req.ttft_slo
         r = _Req(req.request_id, instance_id, req.num_prompt_tokens, req.max_tokens, req.arrival_time,
                  req.ttft_slo, req.tbt_slo)
         self.reqs[req.request_id] = r
@@ -245,8 +261,42 @@ class AscendraPolicy(Policy):
         elif step.num_running == 0:
             st.decodes, st.decode_context = 0, 0
         if self.instances[instance_id].role != "lp":
+            if self.adaptive_roles:
+                self._maybe_demote(instance_id, step.time)
             return []
         return self._escalations(instance_id, step.time)
+
+    # ------------------------------------------------------------------ adaptive roles
+    def _role_window(self) -> float:
+        return ROLE_IDLE_TTFTS * self._longest_ttft
+
+    def _set_role(self, instance_id: int, role: str, now: float) -> None:
+        inst = self.instances[instance_id]
+        inst.spec = replace(inst.spec, role=role)
+        self._last_role_change = now
+        self._last_escalated_to[instance_id] = now  # a fresh HP gets its full window
+        self.role_changes.append((now, instance_id, role))
+
+    def _maybe_promote(self, src: int, now: float) -> int | None:
+        """A request at risk on LP ``src`` found no HP to take it: the least-loaded other live LP
+        becomes HP at once (unless it is the last LP standing); only demotion waits a window."""
+        lps = [i for i in self.instances if i.role == "lp" and i.alive]
+        if len(lps) < 2:
+            return None
+        pick = least_loaded([i for i in lps if i.instance_id != src])
+        if pick is None:
+            return None
+        self._set_role(pick.instance_id, "hp", now)
+        return pick.instance_id
+
+    def _maybe_demote(self, instance_id: int, now: float) -> None:
+        """An HP that no escalation reached for the window serves better as an LP."""
+        window = self._role_window()
+        if not window or now - self._last_role_change < window or now - self._last_escalated_to[instance_id] < window:
+            return
+        if self.state[instance_id].incoming:
+            return
+        self._set_role(instance_id, "lp", now)
 
     # ------------------------------------------------------------------ prediction
     def predicted_first_token(self, instance_id: int, now: float) -> dict[str, float]:
@@ -336,15 +386,22 @@ class AscendraPolicy(Policy):
         at_risk.sort(key=lambda x: x[0])
         out: list[Escalation] = []
         src = self.instances[instance_id]
+        promoted = False
         for _, r, why in at_risk:
             dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
                                 started=r.first is not None)
+            if dst is None and self.adaptive_roles and not promoted:
+                promoted = True  # at most one promotion a step; it may take this request at once
+                if self._maybe_promote(instance_id, now) is not None:
+                    dst = self._best_hp(r.prompt_tokens, r.n_out, r.max_tokens, r.ttft_deadline, r.tbt_slo, now,
+                                        started=r.first is not None)
             if dst is None:
                 continue
             if _load(self.instances[dst]) + self.state[dst].incoming >= _load(src):
                 continue  # the HP holds more work than this LP already: moving it there would not help
             r.migrating, r.dst = True, dst
             self.state[dst].incoming += 1
+            self._last_escalated_to[dst] = now
             out.append(Escalation(r.request_id, instance_id, dst, why))
         out += self._spill_hopeless(instance_id, now)
         return out

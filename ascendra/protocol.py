@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from ascendra.messages import MAX_LOGPROBS
+
 # ---------------------------------------------------------------- errors
 
 
@@ -115,12 +117,19 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 1
     best_of: Count | None = None
-    logprobs: Any = None
+    # /v1/completions: how many alternatives to report per token (0..20) besides the sampled one.
+    logprobs: bool | Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     user: Name | None = None
     # vLLM-style extensions
     ignore_eos: bool = False
     min_tokens: Count = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # vLLM >= 0.10: output token ids (and the prompt's) alongside the text
+    return_token_ids: bool = False
+    # logprob tokens as "token_id:<id>" instead of text (text can be ambiguous or not valid UTF-8)
+    return_tokens_as_token_ids: bool = False
     # Ascendra extensions: per-request SLOs in milliseconds
     ttft_slo_ms: SloMs | None = None
     tbt_slo_ms: SloMs | None = None
@@ -138,8 +147,6 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     guided_choice: Any = None
     guided_grammar: Any = None
     use_beam_search: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
     prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
 
@@ -169,8 +176,9 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
+    # Chat's form: a flag, and the number of alternatives apart.
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -209,12 +217,9 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "guided_choice": (None,),
     "guided_grammar": (None,),
     "use_beam_search": (False,),
-    "include_stop_str_in_output": (False,),
-    "skip_special_tokens": (True,),
-    "prompt_logprobs": (None, 0),
+    "prompt_logprobs": (None,),
     "truncate_prompt_tokens": (None,),
     "suffix": (None, ""),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -268,8 +273,6 @@ def validate_common(req: GenerationRequest) -> None:
         # best_of > n ranks candidates by cumulative logprob, which this server does not compute.
         raise APIError(f"best_of other than n is not supported (got best_of={req.best_of}, n={req.n}).",
                        param="best_of")
-    if req.logprobs not in (None, False, 0):
-        raise APIError("logprobs are not supported.", param="logprobs")
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise APIError(f"max_tokens must be at least 1, got {req.max_tokens}.", param="max_tokens")
     if req.temperature is not None and 0 < req.temperature < TEMPERATURE_FLOOR:
@@ -290,6 +293,30 @@ def validate_common(req: GenerationRequest) -> None:
     if any(s == "" for s in stops):
         raise APIError("stop strings must not be empty.", param="stop")
     unsupported_fields(req)
+    logprobs_of(req)
+
+
+def logprobs_of(req: GenerationRequest) -> int | None:
+    """How many alternatives per token the request wants reported, or None for no logprobs.
+
+    /v1/completions takes a number (``logprobs``: 0..20); chat a flag and a number apart
+    (``logprobs: true`` with ``top_logprobs``: 0..20), as OpenAI and vLLM define them.
+    """
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            return req.top_logprobs or 0
+        if req.top_logprobs:
+            raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+        return None
+    if req.logprobs is True:
+        raise APIError(f"logprobs on /v1/completions is the number of alternatives per token (0..{MAX_LOGPROBS}), "
+                       "not a flag.", param="logprobs")
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    if req.echo:
+        # The echoed prompt would need prompt logprobs, which this server does not compute.
+        raise APIError("logprobs together with echo is not supported (no prompt logprobs).", param="logprobs")
+    return int(req.logprobs)
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -370,46 +397,63 @@ class ChunkWriter:
     """Builds SSE event bytes for one streaming request.
 
     The constant part of each chunk is encoded once; a token event costs one JSON
-    encode of the new text plus two byte concatenations.
+    encode of the new text plus two byte concatenations. A request that asked for logprobs
+    or token ids has those fields encoded into its chunks as well (``event``).
     """
 
-    __slots__ = ("_head", "_tail", "_final_head", "_usage_head", "_chat")
+    __slots__ = ("_head", "_mid", "_tail", "_usage_head", "_chat", "prompt_ids")
 
-    def __init__(self, request_id: str, model: str, created: int, chat: bool, index: int = 0) -> None:
+    def __init__(self, request_id: str, model: str, created: int, chat: bool, index: int = 0,
+                 prompt_ids: list[int] | None = None) -> None:
         enc = msgspec.json.encode
         idx = str(index).encode()
         self._chat = chat
+        obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
+        top = (b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
+               + str(created).encode() + b',"model":' + enc(model))
         if chat:
-            obj = b'"chat.completion.chunk"'
-            self._head = (
-                b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
-                + str(created).encode() + b',"model":' + enc(model)
-                + b',"choices":[{"index":' + idx + b',"delta":{"content":'
-            )
-            self._tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            self._head = top + b',"choices":[{"index":' + idx + b',"delta":{"content":'
+            self._mid = b'},"logprobs":'
         else:
-            obj = b'"text_completion"'
-            self._head = (
-                b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
-                + str(created).encode() + b',"model":' + enc(model)
-                + b',"choices":[{"index":' + idx + b',"text":'
-            )
-            self._tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
-        self._usage_head = (
-            b'data: {"id":' + enc(request_id) + b',"object":' + obj + b',"created":'
-            + str(created).encode() + b',"model":' + enc(model) + b',"choices":[],"usage":'
-        )
+            self._head = top + b',"choices":[{"index":' + idx + b',"text":'
+            self._mid = b',"logprobs":'
+        self._tail = self._mid + b'null,"finish_reason":null}]}\n\n'
+        self._usage_head = top + b',"choices":[],"usage":'
+        # return_token_ids: the prompt's ids go out once, on the first chunk (vLLM's place for them:
+        # the chunk for chat, the choice for completions).
+        self.prompt_ids = prompt_ids
 
     def role(self) -> bytes:
         """Chat streams open with an assistant-role delta, as OpenAI's do."""
-        return self._head[: -len(b'"content":')] + b'"role":"assistant","content":""' + self._tail
+        head = self._head[: -len(b'"content":')] + b'"role":"assistant","content":""'
+        if self.prompt_ids is None:
+            return head + self._tail
+        return self.event("", None, None, [], _head=head)
 
     def text(self, text: str) -> bytes:
+        if self.prompt_ids is not None:
+            return self.event(text, None, None, None)
         return self._head + msgspec.json.encode(text) + self._tail
 
     def final(self, text: str, finish_reason: str) -> bytes:
-        tail = self._tail.replace(b'"finish_reason":null', b'"finish_reason":' + msgspec.json.encode(finish_reason))
-        return self._head + msgspec.json.encode(text) + tail
+        return self.event(text, finish_reason, None, None)
+
+    def event(self, text: str, finish_reason: str | None, logprobs: Any, token_ids: list[int] | None,
+              _head: bytes | None = None) -> bytes:
+        """A chunk with every optional part: logprobs (None: null), token_ids (None: left out)."""
+        enc = msgspec.json.encode
+        parts = [self._head + enc(text) if _head is None else _head, self._mid, enc(logprobs),
+                 b',"finish_reason":', enc(finish_reason)]
+        if token_ids is not None:
+            parts += [b',"token_ids":', enc(token_ids)]
+        prompt_ids, self.prompt_ids = self.prompt_ids, None
+        if prompt_ids is not None and not self._chat:
+            parts += [b',"prompt_token_ids":', enc(prompt_ids)]
+        parts.append(b"}]")
+        if prompt_ids is not None and self._chat:
+            parts += [b',"prompt_token_ids":', enc(prompt_ids)]
+        parts.append(b"}\n\n")
+        return b"".join(parts)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return self._usage_head + msgspec.json.encode(usage_dict(prompt_tokens, completion_tokens)) + b"}\n\n"
@@ -422,11 +466,21 @@ def sse_error(message: str, type: str, code: int | str) -> bytes:
     return b"data: " + error_body(message, type, code) + b"\n\n"
 
 
+class Choice(msgspec.Struct):
+    """One finished choice of a non-streaming response."""
+
+    text: str
+    finish_reason: str
+    logprobs: Any = None  # the endpoint's logprobs object, or None
+    token_ids: list[int] | None = None  # return_token_ids: the output ids
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the prompt's ids
+
+
 def completion_response(
     request_id: str, model: str, created: int, text: str, finish_reason: str,
     prompt_tokens: int, completion_tokens: int,
 ) -> bytes:
-    return choices_response(request_id, model, created, [(text, finish_reason)], prompt_tokens,
+    return choices_response(request_id, model, created, [Choice(text, finish_reason)], prompt_tokens,
                             completion_tokens, chat=False)
 
 
@@ -434,29 +488,40 @@ def chat_response(
     request_id: str, model: str, created: int, text: str, finish_reason: str,
     prompt_tokens: int, completion_tokens: int,
 ) -> bytes:
-    return choices_response(request_id, model, created, [(text, finish_reason)], prompt_tokens,
+    return choices_response(request_id, model, created, [Choice(text, finish_reason)], prompt_tokens,
                             completion_tokens, chat=True)
 
 
 def choices_response(
-    request_id: str, model: str, created: int, choices: list[tuple[str, str]],
+    request_id: str, model: str, created: int, choices: list[Choice],
     prompt_tokens: int, completion_tokens: int, chat: bool,
 ) -> bytes:
-    """A non-streaming response with one choice per (text, finish_reason), indexed in order."""
-    if chat:
-        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
-    else:
-        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                 for i, (text, reason) in enumerate(choices)]
-    return msgspec.json.encode({
+    """A non-streaming response with the choices indexed in order. return_token_ids puts the
+    prompt's ids on each choice for completions and once on the response for chat, as vLLM does."""
+    items: list[dict[str, Any]] = []
+    for i, c in enumerate(choices):
+        if chat:
+            item: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": c.text}}
+        else:
+            item = {"index": i, "text": c.text}
+        item["logprobs"] = c.logprobs
+        item["finish_reason"] = c.finish_reason
+        if c.token_ids is not None:
+            item["token_ids"] = c.token_ids
+        if c.prompt_token_ids is not None and not chat:
+            item["prompt_token_ids"] = c.prompt_token_ids
+        items.append(item)
+    body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
         "choices": items,
         "usage": usage_dict(prompt_tokens, completion_tokens),
-    })
+    }
+    if chat and choices and choices[0].prompt_token_ids is not None:
+        body["prompt_token_ids"] = choices[0].prompt_token_ids
+    return msgspec.json.encode(body)
 
 
 def models_response(names: list[str], max_model_len: int, created: int | None = None) -> bytes:

@@ -18,6 +18,9 @@ Policies (../shared/DESIGN.md, "Scheduling policies"):
   request judged hopeless (TTFT missed, or a mean TBT no step plan can save) never holds
   anyone back: it is served best-effort, so past what the objectives allow the instance runs
   at full throughput like Sarathi instead of pacing for objectives nothing can meet.
+  Options (lp/hp with a step-time model, off by default): ``max_seats`` sizes the seat count to
+  the tightest TBT objective held (``seat_limit``), ``max_chunk`` lets a step prefill past
+  ``chunk_size`` while every hopeful decode stays on pace.
 
 Preemption is by recompute: when a decode needs a block and none is free, the running
 request of lowest priority loses its blocks and returns to the waiting queue.
@@ -36,6 +39,11 @@ from ascendra.sequence import Sequence, SeqStatus
 POLICIES = ("vllm", "sarathi", "lp", "hp")
 # Weight of the newest step in the instance's typical (predicted) step time.
 STEP_AVG_WEIGHT = 0.1
+# Deadline-sized seats: the share of the tightest TBT objective that a step of every seat
+# decoding plus a full prefill chunk may take (the prediction uses the last step's mean context;
+# the latency budget trims the prefill if contexts grow). 0.6 held seats back on mixed SLO
+# classes in the paper scenario (72 vs 120 req/s at 0.9) and changed nothing elsewhere.
+SEAT_STEP_SHARE = 0.9
 
 # Seconds for a prefill of n tokens, and for a whole step given (prefill tokens, decodes).
 PrefillTimeFn = Callable[[int], float]
@@ -48,12 +56,23 @@ class SchedulerConfig:
     max_num_seqs: int = config.default("max_num_seqs")
     chunk_size: int = config.default("chunk_size")  # token budget per step (sarathi, lp, hp)
     max_model_len: int = 2048
+    # lp/hp with a step-time model: seats may grow past max_num_seqs up to this many while a step
+    # of that many decodes and a full chunk stays well inside the tightest TBT objective held.
+    # None: max_num_seqs is a fixed cap, as for the baselines.
+    max_seats: int | None = None
+    # lp/hp with a step-time model: a step's prefill budget may grow past chunk_size up to this
+    # while every hopeful decode stays on pace (the latency budget). None: chunk_size is the cap.
+    max_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
         if self.chunk_size <= 0 or self.max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
+        if self.max_seats is not None and self.max_seats < self.max_num_seqs:
+            raise ValueError("max_seats must be at least max_num_seqs")
+        if self.max_chunk is not None and self.max_chunk < self.chunk_size:
+            raise ValueError("max_chunk must be at least chunk_size")
 
 
 class ScheduledSeq:
@@ -202,7 +221,7 @@ class Scheduler:
         self._num_decodes = self._schedule_decodes(out, key)
         budget = self.config.chunk_size - self._num_decodes
         if policy in ("lp", "hp") and self.step_time is not None and not self._overloaded(now):
-            budget = min(budget, self._latency_budget(out, now))
+            budget = self._latency_budget(out, now, budget)
 
         # Ongoing prefills hold blocks already: finish them before starting others.
         ongoing = [s for s in self.running if not s.is_decoding]
@@ -220,10 +239,12 @@ class Scheduler:
 
         if policy == "sarathi":
             candidates = list(self.waiting)  # FCFS: arrival order, no skipping
+            seats = self.config.max_num_seqs
         else:  # least slack first (earliest deadline, net of the prefill), the hopeless last
             candidates = sorted(self.waiting, key=lambda s: self._slack_key(s, now))
+            seats = self.seat_limit() if candidates and budget > 0 else self.config.max_num_seqs
         for seq in candidates:
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget <= 0 or len(self.running) >= seats:
                 break
             if not self.blocks.grow(seq, seq.num_tokens):
                 if policy == "sarathi":
@@ -278,8 +299,10 @@ class Scheduler:
             break  # seq itself was preempted: it was the lowest priority left
         return scheduled
 
-    def _latency_budget(self, out: SchedulerOutput, now: float) -> int:
-        """Largest prefill token count whose predicted step time keeps every hopeful decode on pace.
+    def _latency_budget(self, out: SchedulerOutput, now: float, budget: int) -> int:
+        """Largest prefill token count whose predicted step time keeps every hopeful decode on pace:
+        at most ``budget`` (the chunk less the decodes), or with ``max_chunk`` up to that less the
+        decodes, so a step far under every decode's pace prefills more than a fixed chunk would.
 
         A decode's next token is due at first + tbt_slo * tokens so far (that keeps its mean
         TBT inside the objective); a decode ahead of pace may spend the slack it banked, so the
@@ -290,8 +313,9 @@ class Scheduler:
         keep decoding best-effort in every step but no longer slow anyone down, so when the
         hardware cannot meet the objectives the instance runs at full throughput.
         """
+        top = budget if self.config.max_chunk is None else max(budget, self.config.max_chunk - self._num_decodes)
         if self.step_time is None:
-            return self.config.chunk_size
+            return budget
         decodes = len(out.scheduled)
         decode_only = self.step_time(0, decodes)
         avg = self.avg_step
@@ -320,15 +344,34 @@ class Scheduler:
             if allowed < limit:
                 limit = allowed
         if math.isinf(limit):
-            return self.config.chunk_size
-        lo, hi = 0, self.config.chunk_size
-        while lo < hi:  # step time grows with prefill tokens: binary search the largest fit
-            mid = (lo + hi + 1) // 2
-            if self.step_time(mid, decodes) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+            return top if decodes else budget  # nothing to pace; no decode, no reason to stretch a step
+        # Step time grows with prefill tokens: the largest count that fits.
+        return _largest_fit(0, top, lambda n: self.step_time(n, decodes) <= limit)
+
+    def seat_limit(self) -> int:
+        """Most requests this instance may hold running: max_num_seqs, or with ``max_seats`` and a
+        step-time model, the largest count B (up to max_seats) whose step of B decodes plus a full
+        prefill chunk is predicted within SEAT_STEP_SHARE of the tightest TBT objective among the
+        hopeful requests held. Steps far under the objective are seats left unused; a fixed cap
+        cannot be right for both a 0.1 s and a 0.3 s objective, or short and long contexts."""
+        cfg = self.config
+        base, ceiling = cfg.max_num_seqs, cfg.max_seats
+        if ceiling is None or ceiling <= base or self.step_time is None:
+            return base
+        tightest = math.inf
+        for group in (self.running, self.waiting):
+            for seq in group:
+                t = seq.tbt_slo
+                if t is not None and t < tightest and not seq.hopeless:
+                    tightest = t
+        if math.isinf(tightest):
+            return ceiling  # no TBT objective held: seats only cost blocks
+        cap = SEAT_STEP_SHARE * tightest
+        chunk = cfg.chunk_size
+        if self.step_time(chunk, base) > cap:
+            return base  # never fewer seats than the fixed cap; pacing trims the prefill instead
+        # Step time grows with decodes: the largest seat count that fits.
+        return _largest_fit(base, ceiling, lambda n: self.step_time(chunk, n) <= cap)
 
     def _overloaded(self, now: float) -> bool:
         """A prompt waits past its TTFT deadline: this instance cannot keep up with its load.
@@ -377,3 +420,15 @@ class Scheduler:
         slack = deadline - now - self.prefill_time(seq.num_uncomputed_tokens)
         # Least slack first; requests that can no longer make it go after every hopeful one.
         return (2 if slack < 0 else 0, slack, seq.arrival_time)
+
+
+def _largest_fit(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """Largest n in [lo, hi] with fits(n), for a fits that holds up to a point and no further;
+    lo when none (the caller has checked lo)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -8,11 +8,24 @@ different thing: a request's state as it moves between workers.)
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from ascendra import messages as m
 from ascendra.detokenizer import StopChecker
 from ascendra.protocol import DONE, APIError, ChunkWriter, sse_error
+from ascendra.token_log import TokenLog
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How one request's output is written for its client (fields of the API request)."""
+
+    include_stop_str: bool = False  # the matched stop string / stop token stays in the text
+    skip_special_tokens: bool = True
+    return_token_ids: bool = False
+    tokens_as_ids: bool = False  # logprob tokens as "token_id:<id>"
+    chat: bool = False
 
 
 def unavailable(message: str) -> APIError:
@@ -25,7 +38,7 @@ class ServedRequest:
         "request_id", "prompt_ids", "sampling", "arrival", "ttft_slo", "tbt_slo", "route",
         "detok", "stop", "min_tokens", "chunks", "include_usage", "buf", "texts",
         "waiter", "done", "client_done", "finish_reason", "error", "instance_id",
-        "num_tokens", "first_token_time", "last_token_time", "dispatch_time",
+        "num_tokens", "first_token_time", "last_token_time", "dispatch_time", "options", "log",
     )
 
     def __init__(
@@ -40,6 +53,8 @@ class ServedRequest:
         stops: list[str],
         chunks: ChunkWriter | None,
         include_usage: bool = False,
+        options: OutputOptions | None = None,
+        log: TokenLog | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -48,7 +63,10 @@ class ServedRequest:
         self.ttft_slo = ttft_slo
         self.tbt_slo = tbt_slo
         self.detok = detok
-        self.stop = StopChecker(stops) if stops else None
+        self.options = options or OutputOptions()
+        self.stop = StopChecker(stops, self.options.include_stop_str) if stops else None
+        # Token ids / logprobs the client asked to see (None: neither, the usual case).
+        self.log = log
         self.min_tokens = sampling.min_tokens
         self.chunks = chunks  # None: non-streaming, collect text instead of SSE bytes
         self.include_usage = include_usage
@@ -99,9 +117,13 @@ class ServedRequest:
             w.set_result(None)
 
     def push(self, text: str) -> None:
-        """More output text for the client."""
+        """More output text for the client (with the new tokens' ids and logprobs, if asked)."""
         if self.chunks is not None:
-            self.buf.append(self.chunks.text(text))
+            log = self.log
+            if log is None:
+                self.buf.append(self.chunks.text(text))
+            else:
+                self.buf.append(self.chunks.event(text, None, *log.take()))
             self._wake()
         else:
             self.texts.append(text)
@@ -111,7 +133,10 @@ class ServedRequest:
         self.client_done = True
         self.finish_reason = reason
         if self.chunks is not None:
-            self.buf.append(self.chunks.final(text, reason))
+            if self.log is None:
+                self.buf.append(self.chunks.final(text, reason))
+            else:
+                self.buf.append(self.chunks.event(text, reason, *self.log.take()))
             if self.include_usage:
                 self.buf.append(self.chunks.usage(len(self.prompt_ids), self.num_tokens))
             self.buf.append(DONE)
@@ -138,4 +163,4 @@ class ServedRequest:
         self.done = True
 
 
-__all__ = ["ServedRequest", "unavailable"]
+__all__ = ["OutputOptions", "ServedRequest", "unavailable"]

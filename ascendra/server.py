@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="name reported by /v1/models and in responses (default: the model's name)")
     # The serving settings: names, defaults, bounds and help from ascendra.config.ServingConfig.
-    add_flags(p, ["device", "num_instances", "policy", "num_hp"])
+    add_flags(p, ["device", "dtype", "num_instances", "policy", "num_hp"])
     p.add_argument("--paper-escalation", action="store_true",
                    help="ascendra: escalate only requests that have not started (the paper's code) "
                         "instead of at every stage with KV migration")

@@ -58,7 +58,9 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for p in summary["policies"]:
-        pts = sorted((pt["rate"], pt["attainment"]) for pt in summary["points"] if pt["policy"] == p)
+        # A burst (rate inf) has no place on a rate axis; the tables show it.
+        pts = sorted((pt["rate"], pt["attainment"]) for pt in summary["points"]
+                     if pt["policy"] == p and math.isfinite(pt["rate"]))
         if not pts:
             continue
         cap = metrics.Capacity(summary["capacity"][p]["value"], summary["capacity"][p]["bound"])
@@ -141,14 +143,9 @@ def write_json(path: str, result: dict) -> None:
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, allow_nan=False, default=_json_default)
+        # A rate of inf (all requests at once) is a valid point: written as the string "inf".
+        json.dump(finite(result), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def finite(o: object) -> object:

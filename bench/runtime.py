@@ -1,6 +1,8 @@
-"""Our runtime against transformers' `generate` on the same prompts (SmolLM2 on CPU by default).
+"""Our runtime against transformers' `generate`, and vLLM's offline engine where a vLLM venv is
+given, on the same prompts (SmolLM2 on CPU by default).
 
-    python -m bench.runtime [--quick] [--model PATH|tiny]
+    python -m bench.runtime [--quick] [--model PATH|tiny] [--dtype auto|float32|bfloat16]
+                            [--vllm-venv VENV [--vllm-batches 16,64]]
 
 Three measurements, side by side in one run:
 - greedy_match: our greedy tokens equal transformers' for prompts of different lengths,
@@ -10,6 +12,10 @@ Three measurements, side by side in one run:
   batching we can give it: requests sorted by output length (an oracle it would not have
   in service) and cut into batches; the best of the tried batch sizes is reported. Only
   requested tokens count as output, for both.
+- vllm (with --vllm-venv): for each batch size, that many equal-length prompts through our
+  engine and through vLLM's offline ``LLM.generate`` (run by VENV/bin/python in a subprocess, at
+  the same dtype, its own thread binding): output tokens/s of each, and how many requests' greedy
+  tokens are equal. Each side is timed after a warm-up, from submission to the last token.
 The last line printed is one JSON object.
 """
 
@@ -19,7 +25,10 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,6 +39,8 @@ from ascendra.messages import AddRequest, SamplingParams
 from ascendra.models import resolve_model
 from workers.engine import Engine, EngineConfig
 from workers.model_runner import ModelRunner
+
+VLLM_OFFLINE = Path(__file__).resolve().parent / "vllm_shim" / "vllm_offline.py"
 
 
 def make_prompts(tokenizer, lengths: list[int], seed: int) -> list[list[int]]:
@@ -92,20 +103,57 @@ def hf_greedy_single(model, prompt: list[int], n: int) -> list[int]:
     return y[0, len(prompt):].tolist()
 
 
+def run_vllm(venv: str, model_path: str, dtype: str, prompts: list[list[int]], outputs: list[int],
+             max_model_len: int) -> dict:
+    """vLLM's offline engine on the same prompts, in its own venv (the shim makes it import)."""
+    py = Path(venv) / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"--vllm-venv: no python at {py}")
+    # vLLM's CPU backend reads gpu_memory_utilization as the share of RAM for its KV cache; its
+    # default (0.9) fails to start next to our engine, 0.5 is what `bench.compare --peer` uses.
+    job = {"model": model_path, "dtype": dtype, "prompts": prompts, "output_lens": outputs,
+           "max_model_len": max_model_len, "engine_args": {"gpu_memory_utilization": 0.5}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(job, f)
+        f.flush()
+        env = dict(os.environ, PYTHONPATH=str(VLLM_OFFLINE.parent), VLLM_TARGET_DEVICE="cpu",
+                   VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        res = subprocess.run([str(py), str(VLLM_OFFLINE), f.name], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"vLLM offline run failed (exit {res.returncode}):\n{res.stderr[-8000:]}")
+    marker = "VLLM_OFFLINE_RESULT "  # bench/vllm_shim/vllm_offline.py's MARKER (vLLM logs to stdout too)
+    line = next((x for x in res.stdout.splitlines() if x.startswith(marker)), None)
+    if line is None:
+        raise SystemExit(f"vLLM offline run printed no result:\n{res.stdout[-3000:]}")
+    return json.loads(line[len(marker):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="path, 'tiny', or the embedded SmolLM2 (default)")
     ap.add_argument("--quick", action="store_true", help="smaller workload, under 3 minutes on 2 cores")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="our runtime's dtype, and transformers' and vLLM's (auto: the server's CPU default)")
+    ap.add_argument("--vllm-venv", default=None, help="a venv with vLLM's CPU build: compare with its offline engine")
+    ap.add_argument("--vllm-batches", default="16,64", help="batch sizes of the vLLM comparison")
+    ap.add_argument("--skip-hf", action="store_true", help="only the vLLM comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model.path)
-    runner = ModelRunner(model.path, model.name, torch.device("cpu"))
-    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    runner = ModelRunner(model.path, model.name, torch.device("cpu"), dtype)
+    dtype_name = str(runner.dtype).removeprefix("torch.")
+    if args.skip_hf:
+        if not args.vllm_venv:
+            raise SystemExit("--skip-hf leaves nothing to run without --vllm-venv")
+        print(json.dumps(compare_vllm(args, runner, tok, model.path, dtype_name)))
+        return
+    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=runner.dtype).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else hf.config.eos_token_id
     q = args.quick
     rng = random.Random(args.seed)
@@ -144,6 +192,7 @@ def main() -> None:
     result = {
         "model": model.name,
         "device": "cpu",
+        "dtype": dtype_name,
         "threads": args.threads,
         "quick": q,
         "greedy_match": greedy_match,
@@ -158,7 +207,30 @@ def main() -> None:
     print(f"greedy match: {greedy_match}")
     print(f"static: ours {static_ours:.1f} tok/s, transformers {static_hf:.1f} tok/s, ratio {result['static_ratio']}")
     print(f"mixed:  ours {mixed_ours:.1f} tok/s, transformers {mixed_hf:.1f} tok/s, ratio {result['mixed_ratio']}")
+    if args.vllm_venv:
+        result["vllm"] = compare_vllm(args, runner, tok, model.path, dtype_name)
     print(json.dumps(result))
+
+
+def compare_vllm(args, runner: ModelRunner, tok, model_path: str, dtype_name: str) -> dict:
+    """Equal prompts at each batch size through our engine and vLLM's offline engine."""
+    p_len, o_len = (128, 32) if args.quick else (256, 64)
+    out: dict = {"dtype": dtype_name, "prompt_tokens": p_len, "output_tokens": o_len, "batches": {}}
+    for b in (int(x) for x in args.vllm_batches.split(",")):
+        prompts = make_prompts(tok, [p_len] * b, args.seed + 3 + b)
+        eng = lambda: Engine(runner, EngineConfig(num_blocks=4096, block_size=16, policy="sarathi",  # noqa: E731
+                                                  chunk_size=4096, max_num_seqs=256, share_pool=False))
+        run_ours(eng(), prompts[:2], [2, 2], "warm-up")
+        t_ours, ours = run_ours(eng(), prompts, [o_len] * b, f"batch {b} (ours)")
+        v = run_vllm(args.vllm_venv, model_path, dtype_name, prompts, [o_len] * b, p_len + o_len + 16)
+        same = sum(a == c for a, c in zip(ours, v["outputs"]))
+        row = {"ours_tok_s": round(b * o_len / t_ours, 1), "vllm_tok_s": round(b * o_len / v["elapsed_s"], 1),
+               "greedy_equal_requests": f"{same}/{b}", "vllm_version": v["vllm_version"]}
+        row["ratio"] = round(row["ours_tok_s"] / row["vllm_tok_s"], 3)
+        out["batches"][b] = row
+        print(f"vllm batch {b} ({dtype_name}, {p_len} in / {o_len} out): ours {row['ours_tok_s']} tok/s, "
+              f"vLLM {row['vllm_tok_s']} tok/s, ratio {row['ratio']}, greedy equal {same}/{b}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

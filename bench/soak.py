@@ -42,7 +42,7 @@ BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int]] = [
     ("invalid_utf8", b'{"prompt": "caf\xc3\x28"}', {}, 400),
     ("deep_json", b'{"prompt": "x", "logprobs": ' + b"[" * 20000 + b"]" * 20000 + b"}", {}, 400),
     ("no_content_type", b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 415),
-    ("unsupported_field", b'{"prompt": "x", "logprobs": 2}', {}, 400),
+    ("unsupported_field", b'{"prompt": "x", "response_format": {"type": "json_object"}}', {}, 400),
     ("too_many_stops", json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(100)]}).encode(), {}, 400),
     ("oversized_body", json.dumps({"prompt": "a " * 400_000}).encode(), {}, 413),
     ("request_template", json.dumps({"messages": [{"role": "user", "content": "x"}],

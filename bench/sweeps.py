@@ -4,6 +4,7 @@ capacity per policy in the summary, and greedy outputs compared across policies.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -71,8 +72,9 @@ def check_outputs(results: dict[str, dict[float, dict]], policies: Sequence[str]
 def summarize_sweep(results: dict[str, dict[float, dict]], policies: Sequence[str], rates: Sequence[float],
                     slo: dict | None, threshold: float, config: dict) -> dict:
     points = [point_row(p, r, results[p][r]) for p in policies for r in rates if r in results[p]]
-    caps = {p: metrics.capacity([(pt["rate"], pt["attainment"]) for pt in points if pt["policy"] == p],
-                                threshold) for p in policies}
+    # Capacity is a rate: a burst point (rate inf) is reported but not interpolated against.
+    caps = {p: metrics.capacity([(pt["rate"], pt["attainment"]) for pt in points
+                                 if pt["policy"] == p and math.isfinite(pt["rate"])], threshold) for p in policies}
     return {
         "capacity_rps": {p: c.value for p, c in caps.items()},
         "capacity": {p: {"value": c.value, "bound": c.bound, "label": c.label()} for p, c in caps.items()},

@@ -14,9 +14,10 @@ _RUNNERS: dict[str, ModelRunner] = {}
 
 
 def runner_for(model) -> ModelRunner:
-    # Loading weights is the slow part; tests share one runner per model.
+    # Loading weights is the slow part; tests share one runner per model. fp32, whatever the
+    # CPU's default: these tests hold the runtime to transformers' fp32 reference exactly.
     if model.path not in _RUNNERS:
-        _RUNNERS[model.path] = ModelRunner(model.path, model.name, torch.device("cpu"))
+        _RUNNERS[model.path] = ModelRunner(model.path, model.name, torch.device("cpu"), torch.float32)
     return _RUNNERS[model.path]
 
 

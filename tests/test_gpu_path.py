@@ -39,7 +39,7 @@ def test_runner_holds_each_weight_once(tiny_model):
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model.path, dtype=torch.float32)
-    runner = ModelRunner(tiny_model.path, tiny_model.name, torch.device("cpu"))
+    runner = ModelRunner(tiny_model.path, tiny_model.name, torch.device("cpu"), torch.float32)
     # The fused q/k/v and gate/up tensors replace their originals: no autograd graph keeps
     # the originals alive, so the runner holds the model's parameter bytes, not twice them.
     assert runner.weight_bytes() == _param_bytes(reference)

@@ -83,7 +83,13 @@ def _err(body: bytes, cls=CompletionRequest) -> APIError:
     (b'{"prompt": "x", "presence_penalty": 2.01}', "presence_penalty"),
     (b'{"prompt": "x", "repetition_penalty": -1}', "repetition_penalty"),
     (b'{"prompt": "x", "use_beam_search": true}', "use_beam_search"),
-    (b'{"prompt": "x", "skip_special_tokens": false}', "skip_special_tokens"),
+    (b'{"prompt": "x", "skip_special_tokens": "no"}', "skip_special_tokens"),
+    (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": true}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": 2, "echo": true}', "logprobs"),
+    (b'{"prompt": "x", "prompt_logprobs": 1}', "prompt_logprobs"),
+    (b'{"prompt": "x", "return_token_ids": 1}', "return_token_ids"),
     (b'{"prompt": "x", "guided_json": {}}', "guided_json"),
 ])
 def test_bounds_name_the_field(body, param):

@@ -21,7 +21,7 @@ def test_escalation_between_worker_processes_keeps_greedy_output(tiny_model):
     want, _ = run_all(make_engine(tiny_model, num_blocks=256), [PROMPTS[n] for n in names],
                       greedy(N_OUT, ignore_eos=True))
     want = dict(zip(names, want))
-    d = WorkerDriver(tiny_model.path, "--num-blocks", "96", "--chunk-size", "32", "--profile", "off",
+    d = WorkerDriver(tiny_model.path, "--num-blocks", "96", "--chunk-size", "32", "--profile", "off", "--dtype", "float32",
                      worker_ids=(0, 1))
     try:
         regs = d.wait_registered()

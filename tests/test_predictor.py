@@ -185,3 +185,70 @@ def test_first_token_prediction_uses_the_prefill_budget_the_lp_measured():
                             num_decode_tokens=2, decode_context_tokens=100, step_time=0.043))
     t = pol.predicted_first_token(0, 1.0)["p"]
     assert abs(t - (1.0 + 10 * (0.010 + 0.032 + 0.001))) < 0.02
+
+
+def _three(**kw):
+    specs = plan_instances("ascendra", 3, 1)  # 0, 1 LP; 2 HP
+    pol = AscendraPolicy(specs, **kw)
+    for s in specs:
+        pol.set_alive(s.instance_id, True)
+        pol.configure_instance(s.instance_id, COEF, chunk_size=256, max_num_seqs=8, block_size=16)
+    return pol
+
+
+def _fill_hp(pol, iid, now):
+    """Seats on HP ``iid`` all taken: it can take no escalation."""
+    for i in range(8):
+        rr = RouteRequest(f"full{iid}-{i}", 10, 100, now)
+        pol.on_dispatch(iid, rr)
+        pol.on_tokens(rr.request_id, 1, now)
+    pol.on_step(iid, step(iid, now, running=8))
+
+
+def test_adaptive_roles_promote_an_lp_when_no_hp_can_take_a_request_at_risk():
+    for adaptive in (False, True):
+        pol = _three(adaptive_roles=adaptive)
+        now = 100.0
+        _fill_hp(pol, 2, now)
+        pol.on_step(1, step(1, now))
+        req = RouteRequest("urgent", 100, 20, now, ttft_slo=1.0)
+        pol.on_dispatch(0, req)
+        esc = pol.on_step(0, step(0, now + 0.01, running=250, num_seqs=250, num_decode_tokens=250,
+                                  decode_context_tokens=250 * 300, step_time=0.14))
+        if not adaptive:
+            assert esc == [] and [i.role for i in pol.instances] == ["lp", "lp", "hp"]
+        else:  # instance 1 (the other LP, idle) becomes HP and takes the request at once
+            assert esc == [Escalation("urgent", 0, 1, "ttft")]
+            assert [i.role for i in pol.instances] == ["lp", "hp", "hp"]
+            assert pol.role_changes == [(now + 0.01, 1, "hp")]
+
+
+def test_adaptive_roles_keep_the_last_lp():
+    pol = _three(adaptive_roles=True)
+    pol.set_alive(1, False)  # the only other LP is gone: nobody to promote
+    _fill_hp(pol, 2, 100.0)
+    pol.on_dispatch(0, RouteRequest("urgent", 100, 20, 100.0, ttft_slo=1.0))
+    pol.on_step(0, step(0, 100.01, running=250, num_seqs=250, num_decode_tokens=250,
+                        decode_context_tokens=250 * 300, step_time=0.14))
+    assert [i.role for i in pol.instances] == ["lp", "lp", "hp"] and pol.role_changes == []
+
+
+def test_adaptive_roles_demote_an_hp_nobody_escalated_to_for_the_window():
+    # Longest TTFT objective seen: 1 s, so the window is ROLE_IDLE_TTFTS (4) x 1 s.
+    pol = _three(adaptive_roles=True)
+    pol.on_dispatch(0, RouteRequest("a", 10, 10, 0.0, ttft_slo=1.0))
+    pol._last_escalated_to[2] = 10.0  # an escalation reached the HP at t=10
+    pol._last_role_change = 10.0
+    pol.on_step(2, step(2, 13.9, running=1, num_seqs=1, num_decode_tokens=1, step_time=0.01))
+    assert pol.instances[2].role == "hp"  # 3.9 s idle: within the window
+    pol.on_step(2, step(2, 14.0, running=1, num_seqs=1, num_decode_tokens=1, step_time=0.01))
+    assert pol.instances[2].role == "lp" and pol.role_changes == [(14.0, 2, "lp")]
+    # Without any objective seen there is no window to size, so no role changes.
+    quiet = _three(adaptive_roles=True)
+    quiet.on_step(2, step(2, 1000.0))
+    assert quiet.instances[2].role == "hp"
+    # Off (the default): roles never change.
+    fixed = _three()
+    fixed.on_dispatch(0, RouteRequest("a", 10, 10, 0.0, ttft_slo=1.0))
+    fixed.on_step(2, step(2, 1000.0))
+    assert fixed.instances[2].role == "hp"

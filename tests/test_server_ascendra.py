@@ -27,7 +27,8 @@ def metric(text: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def server():
     srv = ServerProcess("--model", "tiny", "--num-instances", "2", "--policy", "ascendra",
-                        "--force-escalation-after", "2", "--chunk-size", "32", "--num-blocks", "256")
+                        "--force-escalation-after", "2", "--chunk-size", "32", "--num-blocks", "256",
+                        "--dtype", "float32")  # compared with the fp32 in-process engine
     yield srv
     srv.stop()
 

@@ -104,12 +104,14 @@ BAD_VALUES = [
     ("/v1/completions", dict(P, best_of=2), "best_of"),
     ("/v1/completions", dict(P, n=65), "n"),
     ("/v1/chat/completions", dict(C, echo=True), "echo"),
-    ("/v1/completions", dict(P, logprobs=2), "logprobs"),
+    ("/v1/completions", dict(P, logprobs=21), "logprobs"),
+    ("/v1/completions", dict(P, prompt_logprobs=1), "prompt_logprobs"),
     ("/v1/completions", dict(P, suffix="tail"), "suffix"),
-    ("/v1/completions", dict(P, include_stop_str_in_output=True), "include_stop_str_in_output"),
     ("/v1/chat/completions", dict(C, response_format={"type": "json_object"}), "response_format"),
     ("/v1/chat/completions", dict(C, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    ("/v1/chat/completions", dict(C, top_logprobs=3), "top_logprobs"),
+    ("/v1/chat/completions", dict(C, top_logprobs=3), "top_logprobs"),  # without logprobs: true
+    ("/v1/chat/completions", dict(C, logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("/v1/chat/completions", dict(C, tool_choice="auto"), "tool_choice"),
     ("/v1/chat/completions", dict(C, n=0), "n"),
     # a request's own Jinja template is a program: refused unless the server allows it
     ("/v1/chat/completions", dict(C, chat_template_kwargs={"chat_template": "{% for i in range(600) %}{% endfor %}"}),

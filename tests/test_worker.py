@@ -142,7 +142,8 @@ def test_a_bad_sampling_value_fails_only_its_request(tiny_model):
     prompts = {"a": list(range(10, 40)), "b": list(range(50, 60)), "c": list(range(70, 99))}
     want, _ = run_all(make_engine(tiny_model), list(prompts.values()), greedy(10, ignore_eos=True))
     want = dict(zip(prompts, want))
-    d = WorkerDriver(tiny_model.path, "--num-blocks", "64", "--chunk-size", "512", "--fail-sampling", "c2")
+    d = WorkerDriver(tiny_model.path, "--num-blocks", "64", "--chunk-size", "512", "--fail-sampling", "c2",
+                     "--dtype", "float32")
     try:
         d.wait_registered()
         for rid, p in prompts.items():

@@ -152,15 +152,32 @@ def paged_attention(
             mask = torch.arange(total, device=q.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(0).transpose(0, 1)
+    heads = q.shape[1]
     for g in meta.decode_groups:
         rows = slice(g.start, g.start + g.num)
-        flat = g.block_table.flatten()  # index_select is far cheaper than 2-D indexing on CPU
-        kd = k_cache.index_select(0, flat).view(g.num, -1, kv_heads, head_dim).transpose(1, 2)  # [b, kvh, L, d]
-        vd = v_cache.index_select(0, flat).view(g.num, -1, kv_heads, head_dim).transpose(1, 2)
-        qd = q[rows].unsqueeze(2)  # [b, heads, 1, d]
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        out[rows] = o.squeeze(2)
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, g, scale).reshape(g.num, heads, head_dim)
     return out
+
+
+def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+                  scale: float) -> torch.Tensor:
+    """One query token per row against its gathered keys, as two batched matmuls.
+
+    The query heads sharing a KV head form the rows of one matmul ([b, kvh, group, d] against
+    [b, kvh, L, d]), so K/V are never repeated per head: SDPA with enable_gqa on CPU does, and
+    with one query row its bf16 kernel is ~10x slower than this. Scores and softmax are fp32 and
+    the probabilities are cast back to the activation dtype before the PV product, as
+    transformers' eager attention does."""
+    num, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    flat = g.block_table.flatten()  # index_select is far cheaper than 2-D indexing on CPU
+    kd = k_cache.index_select(0, flat).view(num, -1, kv_heads, head_dim).transpose(1, 2).contiguous()
+    vd = v_cache.index_select(0, flat).view(num, -1, kv_heads, head_dim).transpose(1, 2).contiguous()
+    qg = q.view(num, kv_heads, heads // kv_heads, head_dim)  # head h reads KV head h // group
+    scores = torch.matmul(qg, kd.transpose(-1, -2)).float().mul_(scale)  # [b, kvh, group, L]
+    scores.masked_fill_(~g.mask, float("-inf"))  # padding past each row's length
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, vd)  # [b, kvh, group, d]
 
 
 def _flash_varlen(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .device import (
     timed_clock,
 )
 from .kv_pool import KVPool
-from .sampler import Sampler, SamplingError
+from .sampler import PendingLogprobs, Sampler, SamplingError, TokenLogprobs
 
 
 class StepResult:
@@ -180,7 +180,7 @@ class Engine:
             return result
         start = timed_clock(self.device)
         try:
-            tokens = self._forward(step)
+            tokens, logprobs = self._forward(step)
         except Exception as exc:
             if is_fatal_device_error(exc):
                 raise  # the device is unusable: the worker exits and the coordinator marks it down
@@ -199,33 +199,49 @@ class Engine:
         result.step_time = timed_clock(self.device) - start
         # A row whose sampling failed ends alone; its batch-mates go on.
         errors = {i: str(t) for i, t in enumerate(tokens) if isinstance(t, SamplingError)}
-        for e in self.core.complete(step, tokens, time.monotonic(), errors):
+        # complete() answers one Emitted per sampling row, in row order.
+        for row, e in enumerate(self.core.complete(step, tokens, time.monotonic(), errors)):
             seq = e.seq
             if e.finish_reason is not None:
                 self._generators.pop(seq.request_id, None)
-            result.outputs.append(RequestOutput(
-                seq.request_id, [] if e.token is None else [e.token], finish_reason=e.finish_reason,
-                error=e.error, num_prompt_tokens=seq.num_prompt_tokens))
+            lp = logprobs.get(row) if logprobs and e.token is not None else None
+            if lp is None:
+                result.outputs.append(RequestOutput(
+                    seq.request_id, [] if e.token is None else [e.token], finish_reason=e.finish_reason,
+                    error=e.error, num_prompt_tokens=seq.num_prompt_tokens))
+            else:
+                result.outputs.append(RequestOutput(
+                    seq.request_id, [e.token], finish_reason=e.finish_reason, error=e.error,
+                    num_prompt_tokens=seq.num_prompt_tokens, logprobs=[lp.logprob], top_token_ids=lp.top_ids,
+                    top_logprobs=lp.top_logprobs))
         return result
 
     @torch.inference_mode()
-    def _forward(self, step: Step) -> list[int | SamplingError]:
+    def _forward(self, step: Step) -> tuple[list[int | SamplingError], dict[int, TokenLogprobs] | None]:
+        """The sampled token of each sampling row, and the logprob reports of the rows that asked."""
         batch = step.scheduled
         sampling = step.sampling
         for s in batch:
             if s.seq.request_id in self.fatal_request_ids or "*" in self.fatal_request_ids:
                 raise FatalDeviceError("CUDA error: an illegal memory access was encountered (injected)")
+        params = [s.seq.sampling for s in sampling]
         if hasattr(self.runner, "next_tokens"):  # the fake model picks tokens without logits
-            return self.runner.next_tokens(sampling)
+            tokens: list[int | SamplingError] = list(self.runner.next_tokens(sampling))
+            for i, p in enumerate(params):
+                if p.logprobs is not None:
+                    tokens[i] = SamplingError("logprobs need a real model; the fake model has no logits")
+            return tokens, None
         logits = self.runner.execute(batch, self.pool)
-        return self.sampler.sample(
+        pending = PendingLogprobs.capture(logits, params)  # before the sampler edits the logits
+        tokens = self.sampler.sample(
             logits,
-            [s.seq.sampling for s in sampling],
+            params,
             [s.seq.num_output_tokens for s in sampling],
             [self._generators.get(s.seq.request_id) for s in sampling],
             [s.seq.request_id for s in sampling],
             [(s.seq.token_ids, s.seq.num_prompt_tokens) for s in sampling],
         )
+        return tokens, pending.resolve(tokens) if pending is not None else None
 
     def close(self) -> None:
         self.core.abort_all()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ascendra.messages import SamplingParams
+from ascendra.messages import MAX_LOGPROBS, SamplingParams
 
 
 class SamplingError(ValueError):
@@ -163,3 +163,55 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     sub = sub - col([params[i].frequency_penalty for i in rows]) * counts
     sub = sub - col([params[i].presence_penalty for i in rows]) * (counts > 0).to(sub.dtype)
     logits.index_copy_(0, idx, sub)
+
+
+class TokenLogprobs:
+    """One sampling row's report: the sampled token's log-probability and the top alternatives."""
+
+    __slots__ = ("logprob", "top_ids", "top_logprobs")
+
+    def __init__(self, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> None:
+        self.logprob = logprob
+        self.top_ids = top_ids
+        self.top_logprobs = top_logprobs
+
+
+class PendingLogprobs:
+    """Log-probabilities of the rows that asked for them, taken from the raw logits.
+
+    Built before sampling, because penalties and the min_tokens ban edit the logits in place;
+    resolved after it, once the sampled tokens are known. Only the asking rows are gathered,
+    so a batch where no request asked pays nothing, and one that did pays for its rows only.
+    """
+
+    def __init__(self, logits: torch.Tensor, params: list[SamplingParams]) -> None:
+        self.rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        self.ks = [min(params[i].logprobs or 0, MAX_LOGPROBS) for i in self.rows]
+        idx = torch.tensor(self.rows).to(logits.device, non_blocking=True)
+        self.logprobs = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+        kmax = max(self.ks)
+        self.top = torch.topk(self.logprobs, kmax, dim=-1) if kmax else None
+
+    @classmethod
+    def capture(cls, logits: torch.Tensor, params: list[SamplingParams]) -> "PendingLogprobs | None":
+        if all(p.logprobs is None for p in params):
+            return None
+        return cls(logits, params)
+
+    def resolve(self, tokens: list) -> dict[int, TokenLogprobs]:
+        """Row index -> its report, for the rows whose token is an int (a failed row has none)."""
+        dev = self.logprobs.device
+        chosen = [t if isinstance(t, int) else 0 for t in (tokens[i] for i in self.rows)]
+        picked = self.logprobs.gather(1, torch.tensor(chosen).to(dev, non_blocking=True)[:, None])[:, 0]
+        parts = [picked[:, None].double()]
+        if self.top is not None:  # ids as float64 are exact (vocabularies are far below 2**53)
+            parts += [self.top.values.double(), self.top.indices.double()]
+        table = torch.cat(parts, dim=1).tolist()  # one device -> host copy for the whole report
+        kmax = self.top.values.shape[1] if self.top is not None else 0
+        out: dict[int, TokenLogprobs] = {}
+        for j, i in enumerate(self.rows):
+            if not isinstance(tokens[i], int):
+                continue
+            row, k = table[j], self.ks[j]
+            out[i] = TokenLogprobs(row[0], [int(t) for t in row[1 + kmax:1 + kmax + k]], row[1:1 + k])
+        return out

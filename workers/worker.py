@@ -84,7 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fake_step_time": "seconds each fake iteration sleeps",
         "seed": "torch seed for unseeded sampling",
     })
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (default: parent)")
     p.add_argument("--profile", default="auto", choices=["auto", "off"],
@@ -112,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # The settings a worker takes from the coordinator's ServingConfig.
 _SERVING_FLAGS = ["num_blocks", "gpu_memory_utilization", "chunk_size", "max_num_seqs", "max_model_len", "fake_model",
-                  "fake_step_time", "seed"]
+                  "fake_step_time", "seed", "dtype"]
 
 
 def _die_with_parent() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -37,6 +38,8 @@ from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate
 
 DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
 ABLATIONS = ("ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill")
+SEAT_VARIANTS = ("sarathi-seats", "sarathi-wide", "ascendra-budget", "ascendra-budget-chunk")
+SPLIT_VARIANTS = ("ascendra-hp0", "ascendra-hp2", "ascendra-adaptive")
 
 
 # The simulator's flags that are server settings too (ascendra.config), bounds checked alike.
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fidelity", action="store_true",
                    help="real CPU server (tiny model, 2 sarathi instances) vs the simulator at three rates")
     m.add_argument("--out", default=None, help="directory for summary.json, summary.md and plots")
+    m.add_argument("--from-points", default=None, metavar="DIR[,DIR...]",
+                   help="report from the points earlier --out runs saved instead of simulating (later "
+                        "directories win for a policy both have)")
     m.add_argument("--json", default=None, help="single --rate: write every point with per-request rows here")
     s = p.add_argument_group("system")
     s.add_argument("--policy", default=None,
@@ -60,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ablation", action="store_true",
                    help="add the escalation ablations: ascendra-unstarted (only before prefill, the paper's code), "
                         "ascendra-no-decode, ascendra-no-prefill (leave out escalating decodes / requests mid-prefill)")
+    s.add_argument("--splits", action="store_true",
+                   help="add the static splits ascendra-hp0 (no HP) and ascendra-hp2 (two HP), and "
+                        "ascendra-adaptive (roles that follow the load)")
+    s.add_argument("--seats", action="store_true",
+                   help="add the step-budget variants: sarathi-seats (a fixed 4 x max_num_seqs), sarathi-wide (fixed 4 x "
+                        "max_num_seqs and 4 x chunk_size) and ascendra-budget (seats and prefill budget sized to "
+                        "the deadlines, up to the same caps)")
     # Settings the server has too: flags from ascendra.config (defaults: the scenario's, else as below).
     add_flags(s, ["num_instances", "num_hp"], required_default=True,  # (all in SHARED_FLAGS)
               help={"num_instances": "default 3", "num_hp": "ascendra HP instances (default a third)"})
@@ -172,6 +185,10 @@ def variants_from(a: argparse.Namespace, sc: Scenario | None) -> list[str]:
     names = [v.strip() for v in (a.policy or (",".join(sc.variants) if sc else DEFAULT_VARIANTS)).split(",") if v.strip()]
     if a.ablation:
         names += [v for v in ABLATIONS if v not in names]
+    if a.seats:
+        names += [v for v in SEAT_VARIANTS if v not in names]
+    if a.splits:
+        names += [v for v in SPLIT_VARIANTS if v not in names]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise SystemExit(f"error: unknown policy {bad[0]!r}; choose from {', '.join(VARIANTS)}")
@@ -209,15 +226,29 @@ def run_tasks(tasks: list[tuple], jobs: int) -> list[tuple]:
         return pool.map(_search, tasks, chunksize=1)
 
 
+SEATS_FACTOR = VARIANTS["ascendra-budget"].deadline_seats
+
+
 def add_bound(summary: dict, setup: Setup) -> None:
-    """The throughput bound (ascendra.sim.bound) for this workload, and each capacity's fraction."""
+    """The throughput bound (ascendra.sim.bound) for this workload, and each capacity's fraction:
+    at the configured seats (vllm, sarathi, ascendra) and at SEATS_FACTOR times them within the KV
+    pool (the seat variants, which may hold that many)."""
     specs = setup.requests(1.0)
-    b = throughput_bound(setup.cost, specs, setup.sim.tbt_slo, setup.sim.max_num_seqs, setup.sim.num_instances)
+    sim = setup.sim
+    b = throughput_bound(setup.cost, specs, sim.tbt_slo, sim.max_num_seqs, sim.num_instances)
     if b is None:
         return
+    wide = throughput_bound(setup.cost, specs, sim.tbt_slo, sim.max_num_seqs * SEATS_FACTOR, sim.num_instances,
+                            kv_tokens=sim.num_blocks * sim.block_size)
     summary["bound_rps"] = b.rate
     summary["bound_binding"] = b.binding
-    summary["fraction_of_bound"] = {p: (c / b.rate if c else None) for p, c in summary["capacity_rps"].items()}
+    summary["bound_wide_rps"] = wide.rate
+    summary["bound_wide_binding"] = wide.binding
+    summary["fraction_of_bound"] = {p: (c / (wide.rate if p in SEAT_VARIANTS else b.rate) if c else None)
+                                    for p, c in summary["capacity_rps"].items()}
+    caps = summary["capacity_rps"]
+    if "ascendra-budget" in caps:
+        summary["ratio_seats_vs_best_baseline"] = ratio(caps, "ascendra-budget", ("vllm", "sarathi", "sarathi-seats", "sarathi-wide"))
 
 
 def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dict[float, dict]],
@@ -246,23 +277,69 @@ def write_workload_report(out: Path, name: str, setup: Setup, pts: dict[str, dic
     return summary
 
 
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
 def scenario_table(workloads: dict[str, dict]) -> str:
-    """One row per workload: capacities, Ascendra / best baseline, bound, fractions, ablation."""
+    """Per workload: capacities at the same seats, ratio, bound, fractions; the escalation ablation;
+    and the seat variants against their own (wider) bound."""
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-admission") + ABLATIONS
-           if any(p in (w.get("capacity_rps") or {}) for w in workloads.values())]
-    head = ["workload"] + [f"{p} (req/s)" for p in pol] + ["ascendra / best baseline", "bound (req/s)"]
-    head += [f"{p} / bound" for p in pol]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    x = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    pc = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+    has = lambda p: any(p in (w.get("capacity_rps") or {}) for w in workloads.values())  # noqa: E731
+    pol = [p for p in ("vllm", "sarathi", "ascendra", "ascendra-admission") if has(p)]
+    rows = []
     for name, w in workloads.items():
         caps, frac = w.get("capacity_rps") or {}, w.get("fraction_of_bound") or {}
-        row = [name] + [g(caps.get(p)) for p in pol]
-        r = w.get("ratio_vs_best_baseline")
-        row += ["n/a" if r is None else f"{r:.2f}x",
-                f"{g(w.get('bound_rps'))} ({w.get('bound_binding', '-')})"]
-        row += ["n/a" if frac.get(p) is None else f"{frac[p]:.0%}" for p in pol]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([name] + [g(caps.get(p)) for p in pol] + [x(w.get("ratio_vs_best_baseline")),
+                    f"{g(w.get('bound_rps'))} ({w.get('bound_binding', '-')})"] + [pc(frac.get(p)) for p in pol])
+    out = ("Capacity (req/s at 90% attainment), every policy at the same seats:\n\n"
+           + _table(["workload"] + pol + ["ascendra / best baseline", "bound (binds)"] + [f"{p} / bound" for p in pol],
+                    rows))
+    abl = [p for p in ABLATIONS if has(p)]
+    if abl:
+        rows = []
+        for name, w in workloads.items():
+            caps = w.get("capacity_rps") or {}
+            a = caps.get("ascendra")
+            rows.append([name, g(a)] + [g(caps.get(p)) for p in abl]
+                        + [x(a / caps[p] if a and caps.get(p) else None) for p in abl])
+        out += ("\nEscalation ablation (capacity, and ascendra / variant):\n\n"
+                + _table(["workload", "ascendra"] + abl + [f"vs {p}" for p in abl], rows))
+    split = [p for p in SPLIT_VARIANTS if has(p)]
+    if split:
+        rows = []
+        static = [p for p in ("ascendra", *split) if p != "ascendra-adaptive"]
+        for name, w in workloads.items():
+            caps = w.get("capacity_rps") or {}
+            best = max((c for p in static if (c := caps.get(p))), default=None)
+            judged = ["ascendra"] + [p for p in split if p == "ascendra-adaptive"]
+            rows.append([name, g(caps.get("ascendra"))] + [g(caps.get(p)) for p in split]
+                        + [x(caps[p] / best if caps.get(p) and best else None) for p in judged])
+        tail = ["ascendra / best static"] + (["adaptive / best static"] if "ascendra-adaptive" in split else [])
+        out += ("\nSplits (ascendra: 2 LP + 1 HP, the HP's ticket open at low load; hp0: 3 LP; hp2: 1 LP + 2 HP; "
+                "adaptive: roles follow the load from 2 LP + 1 HP):\n\n"
+                + _table(["workload", "ascendra"] + split + tail, rows))
+    seat = [p for p in SEAT_VARIANTS if has(p)]
+    if seat:
+        rows = []
+        for name, w in workloads.items():
+            caps, frac = w.get("capacity_rps") or {}, w.get("fraction_of_bound") or {}
+            rows.append([name] + [g(caps.get(p)) for p in seat] + [x(w.get("ratio_seats_vs_best_baseline")),
+                        f"{g(w.get('bound_wide_rps'))} ({w.get('bound_wide_binding', '-')})"]
+                        + [pc(frac.get(p)) for p in seat])
+        what = {"sarathi-seats": f"sarathi-seats: a fixed {SEATS_FACTOR} x max_num_seqs",
+                "sarathi-wide": f"sarathi-wide: fixed {SEATS_FACTOR} x max_num_seqs and {SEATS_FACTOR} x chunk_size",
+                "ascendra-budget": "ascendra-budget: seats sized to the deadlines up to the same seat cap",
+                "ascendra-budget-chunk": f"ascendra-budget-chunk: and each step's prefill, up to {SEATS_FACTOR} x "
+                                         "chunk_size"}
+        out += ("\nStep budgets (" + "; ".join(what[p] for p in seat) + "):\n\n"
+                + _table(["workload"] + seat + ["ascendra-budget / best fixed-cap baseline",
+                                               f"bound at {SEATS_FACTOR}x seats (binds)"]
+                         + [f"{p} / bound" for p in seat], rows))
+    return out
 
 
 def _extra_markdown(summary: dict) -> str:
@@ -272,6 +349,10 @@ def _extra_markdown(summary: dict) -> str:
                      "model in ascendra/sim/bound.py)")
     if summary.get("ratio_vs_best_baseline") is not None:
         lines.append(f"Ascendra capacity / best baseline: {summary['ratio_vs_best_baseline']:.2f}x")
+    if summary.get("ratio_seats_vs_best_baseline") is not None:
+        lines.append(f"Seat variants: bound {summary['bound_wide_rps']:.3g} req/s ({summary['bound_wide_binding']}); "
+                     f"ascendra-budget / best of vllm, sarathi, sarathi-seats, sarathi-wide: "
+                     f"{summary['ratio_seats_vs_best_baseline']:.2f}x")
     ab = summary.get("ablation")
     if ab:
         g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
@@ -291,6 +372,61 @@ def _extra_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_points(dirs: list[Path], workloads: list[str], names: list[str]) -> list[tuple]:
+    """The points earlier runs wrote under DIR/<workload>/points/<policy>/ (--out), as run_tasks
+    returns them: the policies asked for, each from the last directory that has it."""
+    found: dict[tuple[str, str], dict[float, dict]] = {}
+    for d in dirs:
+        for key in workloads:
+            for v in names:
+                files = sorted((d / key / "points" / v).glob("*.json"))
+                if files:
+                    found[(key, v)] = {float(res["rate"]): res for res in (json.loads(f.read_text()) for f in files)}
+    missing = [f"{k}/{v}" for k in workloads for v in names if (k, v) not in found]
+    if missing:
+        raise SystemExit(f"error: --from-points has no points for {', '.join(missing)}")
+    return [(k, v, found[(k, v)]) for k in workloads for v in names]
+
+
+# The curves of the scenario's overview figure (every variant is in each workload's own figure).
+OVERVIEW_POLICIES = ("vllm", "sarathi", "ascendra", "sarathi-seats", "ascendra-budget")
+
+
+def overview_plot(summaries: dict[str, dict], path: Path) -> None:
+    """Attainment against rate, one panel per workload, the main policies only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(summaries)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, sm) in zip(axes.flat, summaries.items()):
+        for p in OVERVIEW_POLICIES:
+            pts = sorted((pt["rate"], pt["attainment"]) for pt in sm["points"]
+                         if pt["policy"] == p and math.isfinite(pt["rate"]))
+            if pts:
+                ax.plot([r for r, _ in pts], [100 * v for _, v in pts], marker=".", lw=1, label=p)
+        ax.axhline(100 * sm["threshold"], color="grey", ls="--", lw=0.8)
+        if sm.get("bound_rps"):
+            ax.axvline(sm["bound_rps"], color="black", ls=":", lw=0.8)
+        slo = sm["slo"]
+        ax.set_title(f"{name} (TTFT {slo['ttft_s']:g}s, TBT {slo['tbt_s']:g}s)", fontsize=8)
+        ax.set_ylim(0, 102)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("request rate (req/s); dotted: the bound at the same seats", fontsize=8)
+    fig.supylabel("SLO attainment (%)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
     out = Path(a.out) if a.out else None
     workloads = list(sc.workloads) if sc else [None]
@@ -306,12 +442,16 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         for v in names:
             tasks.append((key, setup, v, rates, start, a.threshold, a.stop_below, a.refine))
     t0 = time.perf_counter()
-    _log(f"simulating {len(tasks)} capacity searches on {a.jobs or os.cpu_count()} processes")
-    results = run_tasks(tasks, a.jobs or os.cpu_count() or 1)
+    if a.from_points:
+        results = load_points([Path(d) for d in a.from_points.split(",")], list(setups), names)
+    else:
+        _log(f"simulating {len(tasks)} capacity searches on {a.jobs or os.cpu_count()} processes")
+        results = run_tasks(tasks, a.jobs or os.cpu_count() or 1)
     pts: dict[str, dict[str, dict[float, dict]]] = {k: {} for k in setups}
     for key, vname, p in results:
         pts[key][vname] = p
     report: dict = {"scenario": sc.name if sc else None, "workloads": {}}
+    summaries: dict[str, dict] = {}
     md = [f"# {sc.description if sc else 'Simulated capacity'}", ""]
     for key, setup in setups.items():
         if out is not None:
@@ -321,10 +461,12 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
             summary = sweep_summary(pts[key], setup, a.threshold, {})
             summary["ratio_vs_best_baseline"] = ratio(summary["capacity_rps"])
             add_bound(summary, setup)
+        summaries[key] = summary
         md.append(f"## {key}\n\n" + markdown(summary) + _extra_markdown(summary))
         report["workloads"][key] = {k: summary.get(k) for k in ("capacity_rps", "capacity", "ratio_vs_best_baseline",
                                                                 "ablation", "slo", "bound_rps", "bound_binding",
-                                                                "fraction_of_bound")}
+                                                                "bound_wide_rps", "bound_wide_binding",
+                                                                "ratio_seats_vs_best_baseline", "fraction_of_bound")}
     md += ["## All workloads", "", scenario_table(report["workloads"])]
     first = report["workloads"][next(iter(setups))]
     report["capacity_rps"] = first["capacity_rps"]
@@ -338,11 +480,14 @@ def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(str(out / "summary.json"), report)
         (out / "summary.md").write_text(text)
+        if len(summaries) > 1:
+            overview_plot(summaries, out / "attainment.png")
         _log(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {', '.join(str(out / k / 'attainment.png') for k in setups)}")
     last = {"capacity_rps": report["capacity_rps"], "ratio_vs_best_baseline": report["ratio_vs_best_baseline"]}
     if len(setups) > 1:
         last["workloads"] = {k: {"capacity_rps": v["capacity_rps"], "ratio_vs_best_baseline": v["ratio_vs_best_baseline"],
-                                 "bound_rps": v.get("bound_rps"), "fraction_of_bound": v.get("fraction_of_bound")}
+                                 "bound_rps": v.get("bound_rps"), "fraction_of_bound": v.get("fraction_of_bound"),
+                                 "ratio_seats_vs_best_baseline": v.get("ratio_seats_vs_best_baseline")}
                              for k, v in report["workloads"].items()}
     if report.get("ablation"):
         last["ablation"] = {k: {"ascendra": v["capacity_rps"].get("ascendra"),

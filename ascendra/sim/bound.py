@@ -12,8 +12,8 @@ rate = B / (mean output x step time), maximised over B, times the instances.
 Work is conserved (a request that misses still costs its tokens), so no scheduler sustains
 more than this at 90% or any attainment, up to the model's two idealisations: real batches
 are not always full and balanced, and a step cost that is concave in its tokens (GPUs) could
-let uneven steps do slightly better than identical ones. TTFT and memory are left out (they
-only lower what is reachable). It bounds a sustained rate: a short run can absorb a burst
+let uneven steps do slightly better than identical ones. TTFT is left out (it only lowers what
+is reachable); memory caps B when the pool size is given. It bounds a sustained rate: a short run can absorb a burst
 above it in its queue. With per-request objectives the tightest TBT caps the step.
 """
 
@@ -34,9 +34,10 @@ class Bound:
 
 
 def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_seqs: int,
-                     num_instances: int) -> Bound | None:
+                     num_instances: int, kv_tokens: int | None = None) -> Bound | None:
     """cost: anything with predict(BatchShape) -> seconds. requests: items with prompt_len,
-    output_len and optionally tbt_slo_s (RequestSpec)."""
+    output_len and optionally tbt_slo_s (RequestSpec). kv_tokens: an instance's KV pool in tokens;
+    it caps B at what the pool holds of requests halfway through their output ("memory")."""
     if not requests:
         return None
     n = len(requests)
@@ -46,8 +47,11 @@ def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_se
     tbts = [t if t is not None else tbt_slo for t in own]
     cap = min((t for t in tbts if t), default=None)
     context = prompt + output / 2
+    seats = max_num_seqs
+    if kv_tokens is not None:
+        seats = max(1, min(seats, int(kv_tokens // context)))
     best: Bound | None = None
-    for b in range(1, max_num_seqs + 1):
+    for b in range(1, seats + 1):
         p = round(b * prompt / output)
         pairs = round(p * (prompt + min(p, prompt)) / 2)
         step = cost.predict(BatchShape(p, pairs, b, round(b * context)))
@@ -57,5 +61,5 @@ def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_se
             return Bound(best.rate, "tbt", best.decodes, best.step_s)
         rate = num_instances * b / (output * step)
         if best is None or rate > best.rate:
-            best = Bound(rate, "seats", b, step)
+            best = Bound(rate, "memory" if seats < max_num_seqs else "seats", b, step)
     return best

@@ -47,6 +47,10 @@ class SimConfig:
     num_blocks: int = 4096  # KV blocks per instance
     block_size: int = 16
     max_num_seqs: int = default("max_num_seqs")
+    # ascendra: seats sized to the TBT objectives, up to this many (None: max_num_seqs, fixed).
+    max_seats: int | None = None
+    # ascendra: each step's prefill budget sized to the decodes' pace, up to this (None: chunk_size).
+    max_chunk: int | None = None
     chunk_size: int = default("chunk_size")
     max_model_len: int = 8192
     ttft_slo: float | None = default("ttft_slo")
@@ -67,6 +71,8 @@ class SimConfig:
     # SLO-aware admission (ascendra): refuse at arrival a request the policy predicts no instance
     # can serve within its TTFT (a server answers 429); it counts as a miss.
     admission: bool = False
+    # Ascendra: roles that follow the load (AscendraPolicy adaptive_roles).
+    adaptive_roles: bool = False
 
 
 class SimSequence(Sequence):
@@ -126,7 +132,9 @@ class SimInstance:
             step_time = make_step_time(self._avg_context)
         self.core = Instance(
             SchedulerConfig(policy=spec.policy, max_num_seqs=cfg.max_num_seqs, chunk_size=cfg.chunk_size,
-                            max_model_len=cfg.max_model_len),
+                            max_model_len=cfg.max_model_len,
+                            max_seats=cfg.max_seats if spec.policy in ("lp", "hp") else None,
+                            max_chunk=cfg.max_chunk if spec.policy in ("lp", "hp") else None),
             cfg.num_blocks, cfg.block_size, prefill_time=prefill_time, step_time=step_time)
         self.blocks = self.core.blocks
         self.scheduler = self.core.scheduler
@@ -150,7 +158,12 @@ def build_policy(cfg: SimConfig, specs: list[InstanceSpec]):
     """The coordinator's policy object. Escalating only unstarted requests is also enforced by the
     simulator (the policy counts a request as started once it has a token; the paper's code, once
     it has been scheduled)."""
-    opts = {"escalate_started": False} if cfg.policy == "ascendra" and not cfg.escalate_started else {}
+    opts: dict = {}
+    if cfg.policy == "ascendra":
+        if not cfg.escalate_started:
+            opts["escalate_started"] = False
+        if cfg.adaptive_roles:
+            opts["adaptive_roles"] = True
     return make_policy(cfg.policy, specs, **opts)
 
 
@@ -173,7 +186,9 @@ class Simulator:
         self.policy: Policy = build_policy(cfg, self.specs) if policy is None else policy
         for inst in self.instances:
             self.policy.set_alive(inst.iid, True)
-            self.policy.configure_instance(inst.iid, model.to_list(), cfg.chunk_size, cfg.max_num_seqs,
+            # The most a step may prefill there: what the policy's predictions start from.
+            chunk = cfg.max_chunk if cfg.max_chunk and inst.spec.policy in ("lp", "hp") else cfg.chunk_size
+            self.policy.configure_instance(inst.iid, model.to_list(), chunk, cfg.max_num_seqs,
                                            cfg.block_size)
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []

@@ -36,7 +36,8 @@ class Scenario:
     num_hp: int = 1
     num_requests: int = 2000
     variants: tuple[str, ...] = ("vllm", "sarathi", "ascendra", "ascendra-unstarted")
-    # (ablations per escalation stage: add --ablation, or list them with --policy)
+    # (ablations per escalation stage: add --ablation, or list them with --policy; the step-budget
+    # variants with --seats, the static splits and adaptive roles with --splits)
     block_size: int = 16
     max_num_seqs: int = default("max_num_seqs")
     chunk_size: int = default("chunk_size")
@@ -46,6 +47,8 @@ class Scenario:
 
 SCENARIOS = {
     "paper-llama3-8b-a100": Scenario(
+        variants=("vllm", "sarathi", "ascendra", "ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill",
+                  "ascendra-hp0", "ascendra-hp2", "ascendra-adaptive", "sarathi-seats", "ascendra-budget"),
         name="paper-llama3-8b-a100",
         description=("The paper's setup: 3 x A100-80GB, one Llama-3.1-8B instance each (vidur operator "
                      "table + attention model); Ascendra 2 LP + 1 HP vs vLLM and Sarathi-Serve (chunk 512) "

@@ -29,6 +29,15 @@ class Variant:
     escalate_started: bool = True
     escalate_stages: tuple[str, ...] = ("waiting", "prefill", "decode")
     admission: bool = False  # refuse at arrival what is predicted to miss (429), counted as misses
+    # Fixed caps: max_num_seqs and chunk_size times these ...
+    seats_factor: int = 1
+    chunk_factor: int = 1
+    # ... or, ascendra, seats and each step's prefill budget sized to the deadlines held, up to
+    # max_num_seqs and chunk_size times these (scheduler.seat_limit and the latency budget).
+    deadline_seats: int = 1
+    deadline_chunk: int = 1
+    num_hp: int | None = None  # ascendra: a static split other than the setup's
+    adaptive_roles: bool = False  # ascendra: the HP count follows the at-risk load
 
 
 VARIANTS = {
@@ -42,6 +51,18 @@ VARIANTS = {
     "ascendra-no-prefill": Variant("ascendra-no-prefill", "ascendra", escalate_stages=("waiting", "decode")),
     # SLO-aware admission control (--admission on the server): 429 for the predicted misses.
     "ascendra-admission": Variant("ascendra-admission", "ascendra", admission=True),
+    # Step budgets sized to deadlines: seats (scheduler.seat_limit) up to 4 x max_num_seqs. So that gain is not mistaken for the
+    # policy's, Sarathi with the same caps fixed: 4 x the seats, and 4 x the seats and the chunk.
+    "ascendra-budget": Variant("ascendra-budget", "ascendra", deadline_seats=4),
+    # ... and the prefill budget too, up to 4 x chunk_size (it loses on the A100 model: see README).
+    "ascendra-budget-chunk": Variant("ascendra-budget-chunk", "ascendra", deadline_seats=4, deadline_chunk=4),
+    "sarathi-seats": Variant("sarathi-seats", "sarathi", seats_factor=4),
+    # Static splits, to judge the default one (and its HP ticket) against: no HP, two HPs.
+    "ascendra-hp0": Variant("ascendra-hp0", "ascendra", num_hp=0),
+    "ascendra-hp2": Variant("ascendra-hp2", "ascendra", num_hp=2),
+    # Roles that follow the load, from the default split.
+    "ascendra-adaptive": Variant("ascendra-adaptive", "ascendra", adaptive_roles=True),
+    "sarathi-wide": Variant("sarathi-wide", "sarathi", seats_factor=4, chunk_factor=4),
 }
 
 
@@ -88,8 +109,13 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
              with_requests: bool = False) -> dict:
     """One point: {"summary": bench summary, "error": None, "sim": simulator details}; with_requests
     adds bench.serve's per-request rows."""
-    cfg = replace(setup.sim, policy=variant.policy, escalate_started=variant.escalate_started,
-                  escalate_stages=variant.escalate_stages, admission=variant.admission)
+    seats, chunk, v = setup.sim.max_num_seqs, setup.sim.chunk_size, variant
+    cfg = replace(setup.sim, policy=v.policy, escalate_started=v.escalate_started,
+                  escalate_stages=v.escalate_stages, admission=v.admission,
+                  max_num_seqs=seats * v.seats_factor, chunk_size=chunk * v.chunk_factor,
+                  max_seats=seats * v.deadline_seats if v.deadline_seats > 1 else None,
+                  max_chunk=chunk * v.deadline_chunk if v.deadline_chunk > 1 else None,
+                  num_hp=setup.sim.num_hp if v.num_hp is None else v.num_hp, adaptive_roles=v.adaptive_roles)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
     sim = Simulator(cfg, setup.cost, setup.model, setup.migration)
@@ -110,6 +136,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
             "hopeless": {"policy": sim.policy.num_hopeless,
                          "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
+            "role_changes": len(getattr(sim.policy, "role_changes", ())),
         },
     }
     if with_requests:
