@@ -14,6 +14,7 @@ Ascendra's policy, which predicts and escalates, lives in ``ascendra.predictor``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -172,6 +173,9 @@ class Policy:
     name = "base"
     # Requests judged unable to meet their objectives (served best-effort); a metric.
     num_hopeless = 0
+    # Instance roles changed at run time, as (time, instance, new role); only a policy whose
+    # roles follow the load appends to it.
+    role_changes: Sequence[tuple[float, int, str]] = ()
 
     def __init__(self, specs: list[InstanceSpec]) -> None:
         self.instances = [InstanceState(s) for s in specs]

@@ -205,15 +205,11 @@ class Engine:
             if e.finish_reason is not None:
                 self._generators.pop(seq.request_id, None)
             lp = logprobs.get(row) if logprobs and e.token is not None else None
-            if lp is None:
-                result.outputs.append(RequestOutput(
-                    seq.request_id, [] if e.token is None else [e.token], finish_reason=e.finish_reason,
-                    error=e.error, num_prompt_tokens=seq.num_prompt_tokens))
-            else:
-                result.outputs.append(RequestOutput(
-                    seq.request_id, [e.token], finish_reason=e.finish_reason, error=e.error,
-                    num_prompt_tokens=seq.num_prompt_tokens, logprobs=[lp.logprob], top_token_ids=lp.top_ids,
-                    top_logprobs=lp.top_logprobs))
+            reported = {} if lp is None else {"logprobs": [lp.logprob], "top_token_ids": lp.top_ids,
+                                              "top_logprobs": lp.top_logprobs}
+            result.outputs.append(RequestOutput(
+                seq.request_id, [] if e.token is None else [e.token], finish_reason=e.finish_reason,
+                error=e.error, num_prompt_tokens=seq.num_prompt_tokens, **reported))
         return result
 
     @torch.inference_mode()

@@ -136,7 +136,7 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
             "hopeless": {"policy": sim.policy.num_hopeless,
                          "schedulers": sum(i.scheduler.num_hopeless for i in sim.instances)},
             "instances": res.instances,
-            "role_changes": len(getattr(sim.policy, "role_changes", ())),
+            "role_changes": len(sim.policy.role_changes),
         },
     }
     if with_requests:
