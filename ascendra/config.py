@@ -52,6 +52,13 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     # ---- each worker's batch
     chunk_size: Annotated[int, Meta(ge=1, description="token budget per step for chunked prefill")] = 512
     max_num_seqs: Annotated[int, Meta(ge=1, description="most requests in one worker's batch")] = 128
+    max_seats: Annotated[int, Meta(ge=1, description=(
+        "ascendra: let an instance hold more than --max-num-seqs requests, up to this many, while its "
+        "step-time model says a step of that many decodes and a full chunk stays well inside the tightest "
+        "TBT objective it holds (default: --max-num-seqs is a fixed cap)"))] | None = None
+    max_chunk: Annotated[int, Meta(ge=1, description=(
+        "ascendra: let a step prefill more than --chunk-size tokens, up to this many, while every decode it "
+        "holds that can still meet its objective stays on pace (default: --chunk-size is a fixed cap)"))] | None = None
     num_blocks: Annotated[int, Meta(ge=1, description=(
         "KV cache blocks per worker (default: the worker sizes its pool itself)"))] | None = None
     block_size: Annotated[int, Meta(ge=1, description=(
@@ -67,6 +74,9 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
         "workers emit tokens without running a model (for benchmarking the coordinator)"))] = False
     fake_step_time: Annotated[float, Meta(ge=0, description=(
         "with --fake-model: seconds each fake iteration sleeps (0: as fast as possible)"))] = 0.0
+    worker_threads: Annotated[int, Meta(ge=1, description=(
+        "torch threads per CPU worker (default: the cores split evenly between the workers, less one "
+        "kept for the coordinator on machines with 4 cores or more)"))] | None = None
     seed: Annotated[int, Meta(ge=0, description="base random seed for the workers")] = 0
     # ---- process management
     startup_timeout: Annotated[float, Meta(gt=0, description="seconds to wait for every worker to register")] = 600.0
@@ -74,6 +84,13 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     step_log: Annotated[str, Meta(description=(
         "append one JSON line per worker step (batch shape, step time, clocks) to PATH"))] | None = None
     worker_args: list[str] = []  # extra worker flags passed through (tests)
+
+
+    def __post_init__(self) -> None:
+        if self.max_seats is not None and self.max_seats < self.max_num_seqs:
+            raise ValueError(f"--max-seats ({self.max_seats}) must be at least --max-num-seqs ({self.max_num_seqs})")
+        if self.max_chunk is not None and self.max_chunk < self.chunk_size:
+            raise ValueError(f"--max-chunk ({self.max_chunk}) must be at least --chunk-size ({self.chunk_size})")
 
 
 DEFAULTS = ServingConfig()

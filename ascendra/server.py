@@ -44,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="name reported by /v1/models and in responses (default: the model's name)")
     # The serving settings: names, defaults, bounds and help from ascendra.config.ServingConfig.
-    add_flags(p, ["device", "dtype", "num_instances", "policy", "num_hp"])
+    add_flags(p, ["device", "dtype", "num_instances", "worker_threads", "policy", "num_hp"])
     p.add_argument("--paper-escalation", action="store_true",
                    help="ascendra: escalate only requests that have not started (the paper's code) "
                         "instead of at every stage with KV migration")
     add_flags(p, ["force_escalation_after", "ttft_slo", "tbt_slo", "max_waiting", "admission", "chunk_size",
-                  "max_num_seqs", "num_blocks", "block_size", "gpu_memory_utilization", "max_model_len",
+                  "max_num_seqs", "max_seats", "max_chunk", "num_blocks", "block_size", "gpu_memory_utilization", "max_model_len",
                   "fake_model", "fake_step_time", "seed"])
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before ending them")

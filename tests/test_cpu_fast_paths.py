@@ -77,8 +77,9 @@ def test_bf16_runner_tracks_transformers_in_bf16(tiny_model):
         assert (ref - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
-def test_cpu_threads_leave_a_core_to_the_coordinator():
-    assert cpu_worker_threads(2, 1) == 1
+def test_cpu_threads_split_the_cores_and_leave_one_where_there_are_enough():
+    assert cpu_worker_threads(2, 1) == 2  # the coordinator's light work shares a core
+    assert cpu_worker_threads(2, 2) == 1
     assert cpu_worker_threads(16, 1) == 15
     assert cpu_worker_threads(16, 3) == 5
     assert cpu_worker_threads(2, 3) == 1  # never zero
@@ -87,3 +88,27 @@ def test_cpu_threads_leave_a_core_to_the_coordinator():
 def test_auto_dtype_is_bf16_where_the_cpu_has_it():
     assert default_dtype(torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert default_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_weights_give_the_plain_linears_results(tiny_model, dtype):
+    """oneDNN-packed weights (the CPU default) against plain F.linear: the same prefill and decode
+    logits (bit-identical in bf16; fp32 sums in another order) and the same greedy tokens."""
+    from tests.runtime_utils import greedy, run_all
+    from workers.engine import Engine, EngineConfig
+
+    dev = torch.device("cpu")
+    plain = ModelRunner(tiny_model.path, tiny_model.name, dev, dtype, pack_weights=False)
+    packed = ModelRunner(tiny_model.path, tiny_model.name, dev, dtype)
+    assert packed.packed and not plain.packed and packed.layers[0].qkv_weight.is_mkldnn
+    x = torch.randn(5, plain.layers[0].qkv_weight.shape[1]).to(dtype)
+    got, want = packed.linear(x, packed.layers[0].gate_up_weight), F.linear(x, plain.layers[0].gate_up_weight)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(30 + 7 * i)] for i in range(4)]
+    outs = [run_all(Engine(r, EngineConfig(num_blocks=64, block_size=16, chunk_size=32)), prompts,
+                    greedy(8, ignore_eos=True))[0] for r in (plain, packed)]
+    assert outs[0] == outs[1]

@@ -39,11 +39,17 @@ def test_runner_holds_each_weight_once(tiny_model):
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model.path, dtype=torch.float32)
-    runner = ModelRunner(tiny_model.path, tiny_model.name, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(tiny_model.path, tiny_model.name, torch.device("cpu"), torch.float32, pack_weights=False)
     # The fused q/k/v and gate/up tensors replace their originals: no autograd graph keeps
     # the originals alive, so the runner holds the model's parameter bytes, not twice them.
     assert runner.weight_bytes() == _param_bytes(reference)
     assert all(t.grad_fn is None and not t.requires_grad for t in runner.weight_tensors())
+    # oneDNN-packed weights (the CPU default) replace the plain ones too; only a head tied to the
+    # embedding is held twice (plain for the lookup, packed for the matmul).
+    packed = ModelRunner(tiny_model.path, tiny_model.name, torch.device("cpu"), torch.float32, pack_weights=True)
+    tied = reference.lm_head.weight.data_ptr() == reference.model.embed_tokens.weight.data_ptr()
+    head = reference.lm_head.weight.numel() * 4
+    assert packed.weight_bytes() == _param_bytes(reference) + (head if tied else 0)
 
 
 # ---------------------------------------------------------------- item 3 and the paged kernel

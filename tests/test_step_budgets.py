@@ -160,3 +160,43 @@ def test_scenario_reports_again_from_saved_points(tmp_path):
     assert "Splits (" in md and "Step budgets (" in md
     with pytest.raises(SystemExit, match="no points for sharegpt/vllm"):
         main(common + ["--policy", "vllm", "--from-points", str(first), "--out", str(tmp_path / "d")])
+
+
+def test_worker_engine_holds_deadline_sized_seats_and_outputs_stay_the_same(tiny_model):
+    """The real worker's engine with --max-seats / --max-chunk (lp): more requests run at once
+    than --max-num-seqs, steps prefill past the chunk, and greedy outputs equal the fixed caps'."""
+    import time
+
+    from ascendra.messages import AddRequest
+    from tests.runtime_utils import greedy, make_engine, run_all
+
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(20 + i)] for i in range(6)]
+    want, _ = run_all(make_engine(tiny_model, policy="lp", max_num_seqs=2), prompts, greedy(6, ignore_eos=True))
+    engine = make_engine(tiny_model, policy="lp", max_num_seqs=2, chunk_size=32, max_seats=6, max_chunk=128)
+    engine.scheduler.step_time = lambda prefill, decodes: 0.001 + 0.0001 * prefill + 0.0002 * decodes
+    engine.scheduler.prefill_time = lambda n: 0.001 + 0.0001 * n
+    now = time.monotonic()
+    for i, p in enumerate(prompts):
+        assert engine.add_request(AddRequest(f"r{i}", p, greedy(6, ignore_eos=True), now, 10.0, 1.0)) is None
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    most_running = most_prefill = 0
+    while engine.has_work():
+        result = engine.step()
+        most_running = max(most_running, len(engine.scheduler.running))
+        most_prefill = max(most_prefill, result.num_prefill_tokens)
+        for out in result.outputs:
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert most_running > 2 and most_prefill > 32
+    assert [tokens[f"r{i}"] for i in range(len(prompts))] == want
+    # The baselines keep their fixed caps whatever the flags say.
+    assert make_engine(tiny_model, policy="sarathi", max_seats=256).scheduler.config.max_seats is None
+
+
+def test_server_flags_refuse_caps_below_the_fixed_ones():
+    from ascendra.config import check
+
+    assert check({"max_seats": 256, "max_chunk": 2048}).max_seats == 256
+    with pytest.raises(ValueError, match="--max-seats"):
+        check({"max_seats": 4})
+    with pytest.raises(ValueError, match="--max-chunk"):
+        check({"max_chunk": 4})

@@ -67,6 +67,9 @@ class EngineConfig:
     policy: str = "sarathi"
     chunk_size: int = config.default("chunk_size")
     max_num_seqs: int = config.default("max_num_seqs")
+    # lp/hp only (the baselines keep fixed caps): seats and prefill budget sized to the deadlines.
+    max_seats: int | None = None
+    max_chunk: int | None = None
     max_model_len: int | None = None
     scatter_seed: int | None = None  # shuffle the free list (tests)
     share_pool: bool = True
@@ -88,6 +91,8 @@ class Engine:
                 max_num_seqs=config.max_num_seqs,
                 chunk_size=config.chunk_size,
                 max_model_len=self.max_model_len,
+                max_seats=config.max_seats if config.policy in ("lp", "hp") else None,
+                max_chunk=config.max_chunk if config.policy in ("lp", "hp") else None,
             ),
             config.num_blocks,
             config.block_size,

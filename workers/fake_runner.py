@@ -28,6 +28,7 @@ class FakeRunner:
         eos = cfg.get("eos_token_id")
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.step_time = step_time
+        self.packed = False  # no weights
         self.info = ModelInfo(
             name=name, path=path, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids, num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32",

@@ -53,6 +53,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can hold the linear weights pre-packed (its blocked layout) on this device."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout, for ``packed_linear``. ``F.linear`` on CPU reorders
+    the plain [out, in] weight on every call: for SmolLM2's decode shapes (1-32 rows) the packed
+    weight ran bf16 matmuls 1.3-2.7x faster with bit-identical results, and fp32 ones 2-3x faster
+    (a different summation order: ~1e-6 relative). vLLM's CPU backend packs its weights the same way."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 def load_hf_model(path: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -68,9 +85,13 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype | None = None,
         max_model_len: int | None = None,
+        pack_weights: bool | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype or default_dtype(device)
+        # None: pack where oneDNN can (CPU, fp32/bf16); CUDA keeps plain weights for cuBLAS.
+        self.packed = can_pack_weights(device, self.dtype) if pack_weights is None else pack_weights
+        self.linear = packed_linear if self.packed else F.linear
         hf = load_hf_model(path, device, self.dtype)
         cfg = hf.config
         self.config = cfg
@@ -136,6 +157,14 @@ class ModelRunner:
         for module in (self.embed, self.final_norm,
                        *(m for layer in self.layers for m in (layer.input_norm, layer.post_norm))):
             module.requires_grad_(False)
+        if self.packed:
+            with torch.no_grad():
+                for layer in self.layers:
+                    for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+                        setattr(layer, name, pack_weight(getattr(layer, name)))
+                # A head tied to the embedding stays plain there (the lookup) and is packed here: the
+                # one weight held twice, for the largest matmul of a decode step.
+                self.lm_head = pack_weight(self.lm_head)
 
     def kernel(self, block_size: int) -> str:
         """The attention kernel this runner uses with pools of ``block_size``-token blocks."""
@@ -167,6 +196,9 @@ class ModelRunner:
         """Bytes of distinct storages behind ``weight_tensors`` (memory the weights really hold)."""
         storages = {}
         for t in self.weight_tensors():
+            if t.is_mkldnn:  # an opaque packed copy: its own memory, about its plain size
+                storages[("mkldnn", id(t))] = t.numel() * t.element_size()
+                continue
             st = t.untyped_storage()
             storages[(st.device, st.data_ptr())] = st.nbytes()
         return sum(storages.values())
@@ -205,10 +237,11 @@ class ModelRunner:
         cos = self.cos[inputs.positions].unsqueeze(1)
         sin = self.sin[inputs.positions].unsqueeze(1)
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        linear = self.linear
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer(i)
             x = layer.input_norm(h)
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
             q = _rope(q.view(-1, nq, d), cos, sin)
             k = _rope(k.view(-1, nkv, d), cos, sin)
@@ -216,12 +249,12 @@ class ModelRunner:
             k_cache.view(-1, nkv, d).index_copy_(0, inputs.slots, k)
             v_cache.view(-1, nkv, d).index_copy_(0, inputs.slots, v)
             a = paged_attention(q, k, v, k_cache, v_cache, inputs.attn, self.scale)
-            h = h + F.linear(a.reshape(-1, nq * d), layer.o_weight)
+            h = h + linear(a.reshape(-1, nq * d), layer.o_weight)
             x = layer.post_norm(h)
-            gate, up = F.linear(x, layer.gate_up_weight).split(self.intermediate, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down_weight)
+            gate, up = linear(x, layer.gate_up_weight).split(self.intermediate, dim=-1)
+            h = h + linear(F.silu(gate) * up, layer.down_weight)
         last = self.final_norm(h.index_select(0, inputs.logits_rows))
-        return F.linear(last, self.lm_head).float()
+        return self.linear(last, self.lm_head).float()
 
     def _prepare(self, batch: list[ScheduledSeq], block_size: int) -> _Inputs:
         # Prefill chunks first, then decodes: decodes then form one contiguous run of rows.

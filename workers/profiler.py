@@ -30,11 +30,12 @@ PROFILE_REPS = {"cuda": 5, "cpu": 1}
 Shape = tuple[list[tuple[int, int]], list[int]]
 
 
-def profile_path(info, device: str, block_size: int) -> Path:
-    import torch  # CPU step times depend on the thread count too
+def profile_path(info, device: str, block_size: int, packed: bool = False) -> Path:
+    import torch  # CPU step times depend on the thread count and the weights' layout too
 
     threads = f"-t{torch.get_num_threads()}" if device == "cpu" else ""
-    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}.json".replace("/", "_")
+    layout = "-packed" if packed else ""
+    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}{layout}.json".replace("/", "_")
     return cache_dir().parent / "profiles" / name
 
 
@@ -113,7 +114,7 @@ def time_shapes(runner, pool, block_size: int, shapes: list[Shape], reps: int = 
 
 
 def fit_or_load(runner, pool, device: str, block_size: int, max_tokens: int, log=None) -> PerfModel:
-    path = profile_path(runner.info, device, block_size)
+    path = profile_path(runner.info, device, block_size, runner.packed)
     if path.is_file():
         try:
             return PerfModel.from_list(json.loads(path.read_text())["coef"])

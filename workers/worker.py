@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "together (weights, activations and KV pool), split evenly between them",
         "chunk_size": "token budget per iteration (sarathi, lp, hp)",
         "max_num_seqs": "most requests in one batch",
+        "max_seats": "lp/hp with a step-time model: seats sized to the TBT objectives held, up to this many",
+        "max_chunk": "lp/hp with a step-time model: a step's prefill budget sized to the decodes' pace, up to this",
         "max_model_len": "cap on prompt + output tokens",
         "fake_model": "emit tokens without running the model",
         "fake_step_time": "seconds each fake iteration sleeps",
@@ -110,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # The settings a worker takes from the coordinator's ServingConfig.
-_SERVING_FLAGS = ["num_blocks", "gpu_memory_utilization", "chunk_size", "max_num_seqs", "max_model_len", "fake_model",
-                  "fake_step_time", "seed", "dtype"]
+_SERVING_FLAGS = ["num_blocks", "gpu_memory_utilization", "chunk_size", "max_num_seqs", "max_seats", "max_chunk",
+                  "max_model_len", "fake_model", "fake_step_time", "seed", "dtype"]
 
 
 def _die_with_parent() -> None:
@@ -157,6 +159,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
             policy=args.policy,
             chunk_size=args.chunk_size,
             max_num_seqs=args.max_num_seqs,
+            max_seats=args.max_seats,
+            max_chunk=args.max_chunk,
             max_model_len=args.max_model_len,
             scatter_seed=args.scatter_blocks,
             share_pool=not args.fake_model,
@@ -409,7 +413,7 @@ class Worker:
             block_size=e.config.block_size,
             bytes_per_block=e.pool.bytes_per_block,
             max_num_seqs=e.config.max_num_seqs,
-            chunk_size=e.config.chunk_size,
+            chunk_size=e.scheduler.config.max_chunk or e.config.chunk_size,  # the most a step may prefill
             perf_model=self.perf_coef,
         )
 
