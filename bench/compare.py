@@ -29,6 +29,15 @@ from .workloads import RequestSpec, build_workload
 DEFAULT_SERVER_CMD = ("{python} -m ascendra.server --host 127.0.0.1 --port {port} --model {model} "
                       "--num-instances {num_instances} --policy {policy}")
 POLICIES = ("vllm", "sarathi", "ascendra")
+# Named settings of a policy, as the simulator's variants of the same names (ascendra/sim/sweep.py):
+# NAME -> (--policy, extra server flags). Seats and prefill budgets sized to the deadlines held, up to
+# 4x --max-num-seqs (and 4x --chunk-size); Sarathi with 4x the seats fixed, to tell the two gains apart.
+VARIANTS = {
+    "ascendra-budget": ("ascendra", ["--max-seats", "512"]),
+    "ascendra-budget-chunk": ("ascendra", ["--max-seats", "512", "--max-chunk", "2048"]),
+    "ascendra-unstarted": ("ascendra", ["--paper-escalation"]),
+    "sarathi-seats": ("sarathi", ["--max-num-seqs", "512"]),
+}
 # Another serving system measured in the same run, on the same model and requests.
 PEERS = ("vllm",)
 PEER_PREFIX = "peer:"
@@ -39,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="passed to the server's --model")
     p.add_argument("--num-instances", type=int, default=3)
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma-separated: {', '.join(POLICIES)}, or a named setting: {', '.join(VARIANTS)}")
     p.add_argument("--rates", required=True, help="comma-separated request rates (req/s)")
     p.add_argument("--out", required=True, help="output directory (reused to resume)")
     p.add_argument("--threshold", type=float, default=0.9, help="attainment that defines capacity")
@@ -92,12 +102,13 @@ def peer_cmd(a: argparse.Namespace, peer: str, port: int) -> tuple[list[str], di
 
 
 def server_cmd(a: argparse.Namespace, policy: str, port: int, slo: dict | None) -> list[str]:
+    policy, extra = VARIANTS.get(policy, (policy, []))
     cmd = a.server_cmd.format(python=shlex.quote(sys.executable), port=port, model=a.model,
                               num_instances=a.num_instances, policy=policy)
-    extra = []
+    extra = list(extra)
     if slo is not None and a.server_cmd == DEFAULT_SERVER_CMD:
         # Our server's defaults, for requests that do not carry their own SLO fields.
-        extra = ["--ttft-slo", f"{slo['ttft_s']:.6g}", "--tbt-slo", f"{slo['tbt_s']:.6g}"]
+        extra += ["--ttft-slo", f"{slo['ttft_s']:.6g}", "--tbt-slo", f"{slo['tbt_s']:.6g}"]
     return shlex.split(cmd) + extra + shlex.split(a.server_args)
 
 
@@ -217,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES and p not in VARIANTS]
+    if unknown and a.server_cmd == DEFAULT_SERVER_CMD:
+        print(f"error: --policies: unknown {', '.join(unknown)} (choose from {', '.join(POLICIES + tuple(VARIANTS))})",
+              file=sys.stderr)
+        return 2
     policies += [PEER_PREFIX + peer for peer in a.peer]
     rates = sorted(float(r) for r in a.rates.split(","))
 

@@ -114,6 +114,25 @@ def attainment(results: Sequence[RequestResult], ttft_slo: float, tbt_slo: float
     return sum(meets_slo(r, ttft_slo, tbt_slo, variant) for r in results) / len(results)
 
 
+def attainment_by_class(results: Sequence[RequestResult], ttft_slo: float, tbt_slo: float) -> dict[str, dict]:
+    """Per SLO class ("TTFT/TBT" in seconds, each request's own objectives or the run's): how many
+    requests, the share that met both, and the share that met the TTFT alone. Empty when every
+    request shares the run's objectives."""
+    groups: dict[tuple[float, float], list[RequestResult]] = {}
+    for r in results:
+        key = (r.ttft_slo_s if r.ttft_slo_s is not None else ttft_slo,
+               r.tbt_slo_s if r.tbt_slo_s is not None else tbt_slo)
+        groups.setdefault(key, []).append(r)
+    if len(groups) < 2:
+        return {}
+    out = {}
+    for (t, b), rs in sorted(groups.items()):
+        first = [ttft(r) for r in rs if r.success]
+        out[f"{t:g}/{b:g}"] = {"requests": len(rs), "attainment": attainment(rs, t, b),
+                               "ttft_met": sum(v is not None and v <= t for v in first) / len(rs)}
+    return out
+
+
 def failure_reasons(results: Iterable[RequestResult]) -> dict[str, int]:
     """Failures grouped by the reason's kind (text before the first ':')."""
     c = Counter((r.error or "unknown").split(":", 1)[0] for r in results if not r.success)
@@ -148,6 +167,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, ttft_slo: flo
         "tbt_slo_s": tbt_slo,
         "attainment": attainment(results, ttft_slo, tbt_slo),
         "attainment_p99_tbt": attainment(results, ttft_slo, tbt_slo, "p99"),
+        "attainment_by_class": attainment_by_class(results, ttft_slo, tbt_slo),
         "slo_met": met,
         "goodput_rps": met / dur,
         "request_throughput_rps": len(ok) / dur,

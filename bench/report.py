@@ -43,6 +43,16 @@ def markdown(summary: dict) -> str:
                      f"{f(pt.get('request_throughput_rps'))} | {f(pt['output_tok_s'])} | "
                      f"{f(pt['ttft_p50_s'])} / {f(pt['ttft_p99_s'])} | "
                      f"{f(pt['tbt_mean_p50_s'])} / {f(pt['tbt_mean_p99_s'])} | {f(pt.get('goodput_rps'))} |")
+    classes = [pt for pt in summary["points"] if pt.get("attainment_by_class")]
+    if classes:
+        names = list(classes[0]["attainment_by_class"])
+        lines += ["", "Attainment per SLO class (TTFT / TBT objective, s; the share meeting the TTFT alone in "
+                  "brackets):", "", "| policy | rate | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for pt in classes:
+            by_class = pt["attainment_by_class"]
+            cells = [f"{by_class[n]['attainment']:.1%} ({by_class[n]['ttft_met']:.1%})" if n in by_class else "-"
+                     for n in names]
+            lines.append(f"| {pt['policy']} | {pt['rate']:g} | " + " | ".join(cells) + " |")
     oc = summary.get("output_check")
     if oc:
         lines += ["", f"Greedy outputs vs {oc['reference']}: " + "; ".join(
@@ -104,6 +114,8 @@ def format_table(result: dict) -> str:
         (f"SLO attainment (TTFT<={s['ttft_slo_s']:.3g}s,TBT<={s['tbt_slo_s']:.3g}s):",
          _num(s["attainment"], ".3f")),
         ("SLO attainment, p99-TBT variant:", _num(s["attainment_p99_tbt"], ".3f")),
+        *((f"  class TTFT/TBT {name} s ({c['requests']} requests):", _num(c["attainment"], ".3f"))
+          for name, c in (s.get("attainment_by_class") or {}).items()),
         ("Goodput (req/s):", _num(s["goodput_rps"])),
         ("Prompts sent as:", f"{srv['prompt_mode']}{' + ignore_eos' if srv['ignore_eos'] else ''}"),
         ("Token counts from:", str(srv["token_counts_from"])),

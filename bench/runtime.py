@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="only the vLLM comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from workers.device import keep_allocations_in_heap
+
+    keep_allocations_in_heap()  # as the worker does
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = resolve_model(args.model)

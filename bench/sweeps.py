@@ -31,7 +31,7 @@ def point_row(policy: str, rate: float, result: dict) -> dict:
     s = result["summary"]
     keys = ("attainment", "attainment_p99_tbt", "goodput_rps", "completed", "failed", "num_requests",
             "request_throughput_rps", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tbt_mean_p50_s",
-            "tbt_mean_p99_s", "itl_p99_s", "e2e_p50_s", "failure_reasons")
+            "tbt_mean_p99_s", "itl_p99_s", "e2e_p50_s", "failure_reasons", "attainment_by_class")
     return {"policy": policy, "rate": rate} | {k: s.get(k) for k in keys} | {"error": result.get("error")}
 
 

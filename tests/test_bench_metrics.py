@@ -128,3 +128,11 @@ def test_attainment_counts_each_request_against_its_own_objectives():
     plain = done(2, send=0.0, times=[0.5, 0.6, 0.7])  # the run's objectives below
     assert [metrics.meets_slo(r, 1.0, 0.15) for r in (relaxed, tight, plain)] == [True, False, True]
     assert metrics.attainment([relaxed, tight, plain], 1.0, 0.15) == pytest.approx(2 / 3)
+    # Per class: the run's objectives form a class of their own; TTFT met alone is counted apart.
+    close = done(3, send=0.0, times=[0.2, 0.5, 0.8])  # TTFT 0.2 s inside 0.25, TBT 0.3 s over 0.1
+    close.ttft_slo_s, close.tbt_slo_s = 0.25, 0.1
+    by = metrics.attainment_by_class([relaxed, tight, plain, close, failed(4)], 1.0, 0.15)
+    assert by == {"0.25/0.1": {"requests": 2, "attainment": 0.0, "ttft_met": 0.5},
+                  "1/0.15": {"requests": 2, "attainment": 0.5, "ttft_met": 0.5},
+                  "5/0.25": {"requests": 1, "attainment": 1.0, "ttft_met": 1.0}}
+    assert metrics.attainment_by_class([plain, failed(4)], 1.0, 0.15) == {}  # one class: nothing to split

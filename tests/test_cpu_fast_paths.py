@@ -112,3 +112,34 @@ def test_packed_weights_give_the_plain_linears_results(tiny_model, dtype):
     outs = [run_all(Engine(r, EngineConfig(num_blocks=64, block_size=16, chunk_size=32)), prompts,
                     greedy(8, ignore_eos=True))[0] for r in (plain, packed)]
     assert outs[0] == outs[1]
+
+
+def test_worker_keeps_large_allocations_in_the_heap():
+    """glibc: the mmap threshold goes to its maximum in a worker (a subprocess here, so this test
+    process keeps its own malloc settings); a 7 MB block then comes from the heap, not a fresh
+    mapping, which mallinfo2 counts apart (hblkhd: bytes in mmapped blocks)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys\n"
+        "from workers.device import keep_allocations_in_heap\n"
+        "class MI(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena','ordblks','smblks','hblks','hblkhd','usmblks',"
+        "'fsmblks','uordblks','fordblks','keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "if not hasattr(libc, 'mallinfo2'): sys.exit(3)\n"
+        "libc.mallinfo2.restype = MI\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "def mapped(n):\n"
+        "    p = libc.malloc(n); m = libc.mallinfo2().hblkhd; libc.free(ctypes.c_void_p(p)); return m\n"
+        "before = mapped(7 << 20)\n"
+        "assert keep_allocations_in_heap()\n"
+        "after = mapped(7 << 20)\n"
+        "print(before, after)\n"
+        "sys.exit(0 if before >= 7 << 20 and after < 7 << 20 else 1)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if res.returncode == 3 or sys.platform != "linux":
+        pytest.skip("not glibc >= 2.33")
+    assert res.returncode == 0, res.stdout + res.stderr

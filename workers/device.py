@@ -8,9 +8,15 @@ the order of ``record`` / ``synchronize`` calls (tests read it to check the migr
 
 from __future__ import annotations
 
+import ctypes
 import time
 
 import torch
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2).
+MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def set_device(device: torch.device) -> None:
@@ -18,6 +24,23 @@ def set_device(device: torch.device) -> None:
     without an explicit index (flash-attn, ``torch.cuda.Event``) land on it, not on cuda:0."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def keep_allocations_in_heap() -> bool:
+    """Serve a step's activations from the malloc heap, not fresh mmaps (glibc only; False elsewhere).
+
+    glibc maps every allocation above its mmap threshold afresh and unmaps it when freed; the
+    threshold follows the largest block freed so far, so it depends on the history of shapes. A
+    CPU step's tensors of a few MB (an fp32 decode of 32 requests gathers 7 MB of K/V per layer)
+    then page-fault on every touch: such a decode step took 200-240 ms after 512-token prefill
+    chunks against 75-95 ms with the threshold at its 32 MB maximum (SmolLM2, 2 threads), and the
+    same step after one 8,192-token prefill was fast, which had raised the threshold. Freed memory
+    at the heap's top is kept too (trim threshold 1 GiB), as the next step needs it again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def synchronize(device: torch.device) -> None:

@@ -41,7 +41,7 @@ from ascendra.messages import (
 from ascendra.config import add_flags
 from ascendra.config import decode as decode_config
 from ascendra.perf_model import BatchShape, PerfModel
-from .device import is_fatal_device_error, set_device
+from .device import is_fatal_device_error, keep_allocations_in_heap, set_device
 from .engine import Engine, EngineConfig, StepResult
 from .kv_pool import MAX_COPY_BYTES, PeerPool
 from .migration import Migrations
@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("ASCENDRA_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
     _die_with_parent()
+    keep_allocations_in_heap()
     # SIGTERM / SIGINT unwind through `finally`, so the shared-memory pool is unlinked. The
     # first one is enough: later ones (the parent-death signal arriving after the parent
     # poll already ended the loop, a second kill) are ignored, so they cannot interrupt the

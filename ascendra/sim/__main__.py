@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("mode")
     m.add_argument("--scenario", choices=sorted(SCENARIOS), default=None, help="a named experiment")
+    m.add_argument("--workloads", default=None, metavar="NAME[,NAME...]",
+                   help="--scenario: run only these of its workloads")
     m.add_argument("--bench-speed", action="store_true", help="time 10,000 requests on 3 instances")
     m.add_argument("--fidelity", action="store_true",
                    help="real CPU server (tiny model, 2 sarathi instances) vs the simulator at three rates")
@@ -430,6 +432,13 @@ def overview_plot(summaries: dict[str, dict], path: Path) -> None:
 def sweep_main(a: argparse.Namespace, sc: Scenario | None) -> int:
     out = Path(a.out) if a.out else None
     workloads = list(sc.workloads) if sc else [None]
+    if sc and a.workloads:
+        wanted = [w.strip() for w in a.workloads.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {w.name for w in sc.workloads})
+        if unknown:
+            raise SystemExit(f"--workloads: {', '.join(unknown)} not in {sc.name} "
+                             f"({', '.join(w.name for w in sc.workloads)})")
+        workloads = [w for w in workloads if w.name in wanted]
     names = variants_from(a, sc)
     rates = sorted(float(r) for r in a.rates.split(",")) if a.rates else None
     setups: dict[str, Setup] = {}
