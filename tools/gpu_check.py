@@ -142,6 +142,8 @@ def memory_accounting(runner: ModelRunner, pool) -> dict:
     cfg = AutoConfig.from_pretrained(runner.info.path)
     itemsize = torch.empty((), dtype=runner.dtype).element_size()
     params = _param_count(cfg) * itemsize
+    if runner.packed and getattr(cfg, "tie_word_embeddings", False):
+        params += runner.vocab_size * cfg.hidden_size * itemsize  # the tied head's packed copy
     res = {"weight_bytes": runner.weight_bytes(), "param_bytes": params, "pool_bytes": pool.tensor.numel() * itemsize}
     if runner.device.type == "cuda":
         synchronize(runner.device)

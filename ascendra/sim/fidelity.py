@@ -44,9 +44,13 @@ MAX_MODEL_LEN = 2048  # the tiny model's
 
 
 def worker_profile(num_instances: int) -> Path | None:
-    """The profile the server's workers use: tiny on CPU with cpu_count // N threads each."""
-    threads = max(1, (os.cpu_count() or 1) // num_instances)
-    found = [p for p in costs.profile_files() if p.name.startswith("tiny-cpu-") and p.stem.endswith(f"-t{threads}")]
+    """The profile the server's workers use: tiny on CPU with their threads each (packed weights)."""
+    from ascendra.coordinator import cpu_worker_threads
+
+    threads = cpu_worker_threads(os.cpu_count() or 1, num_instances)
+    found = [p for p in costs.profile_files()
+             if p.name.startswith("tiny-cpu-") and p.stem.endswith((f"-t{threads}-packed", f"-t{threads}"))]
+    found.sort(key=lambda p: not p.stem.endswith("-packed"))
     return found[0] if found else None
 
 
