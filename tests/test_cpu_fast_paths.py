@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ascendra.coordinator import cpu_worker_threads
 from workers.attention import AttentionMetadata, DecodeGroup, paged_attention
-from workers.model_runner import ModelRunner, cpu_has_native_bf16, default_dtype
+from workers.model_runner import ModelRunner, cpu_has_native_bf16, default_dtype, packed_silu_mlp
 
 
 def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
@@ -93,8 +93,8 @@ def test_auto_dtype_is_bf16_where_the_cpu_has_it():
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_weights_give_the_plain_linears_results(tiny_model, dtype):
-    """oneDNN-packed weights (the CPU default) against plain F.linear: the same prefill and decode
-    logits (bit-identical in bf16; fp32 sums in another order) and the same greedy tokens."""
+    """oneDNN-packed weights (the CPU default) against plain F.linear: the same linears (bit-identical
+    in bf16; fp32 sums in another order), the fused MLP within rounding, the same greedy tokens."""
     from tests.runtime_utils import greedy, run_all
     from workers.engine import Engine, EngineConfig
 
@@ -103,11 +103,18 @@ def test_packed_weights_give_the_plain_linears_results(tiny_model, dtype):
     packed = ModelRunner(tiny_model.path, tiny_model.name, dev, dtype)
     assert packed.packed and not plain.packed and packed.layers[0].qkv_weight.is_mkldnn
     x = torch.randn(5, plain.layers[0].qkv_weight.shape[1]).to(dtype)
-    got, want = packed.linear(x, packed.layers[0].gate_up_weight), F.linear(x, plain.layers[0].gate_up_weight)
+    got, want = packed.linear(x, packed.layers[0].qkv_weight), F.linear(x, plain.layers[0].qkv_weight)
     if dtype == torch.bfloat16:
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The MLP's gate and up run fused (SiLU and product inside the matmuls): the same activation,
+    # up to one bf16 rounding of the gate that the unfused path makes and the fused one does not.
+    assert packed.layers[0].gate_up_weight is None
+    got = packed_silu_mlp(x, packed.layers[0].gate_weight, packed.layers[0].up_weight)
+    gate, up = F.linear(x, plain.layers[0].gate_up_weight).split(plain.intermediate, dim=-1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), (F.silu(gate) * up).float(), atol=tol, rtol=tol)
     prompts = [[(5 * i + j) % 300 + 3 for j in range(30 + 7 * i)] for i in range(4)]
     outs = [run_all(Engine(r, EngineConfig(num_blocks=64, block_size=16, chunk_size=32)), prompts,
                     greedy(8, ignore_eos=True))[0] for r in (plain, packed)]

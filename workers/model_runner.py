@@ -34,8 +34,10 @@ class _Layer:
     qkv_bias: torch.Tensor | None
     o_weight: torch.Tensor
     post_norm: torch.nn.Module
-    gate_up_weight: torch.Tensor
+    gate_up_weight: torch.Tensor | None  # None when packed: gate and up are held apart
     down_weight: torch.Tensor
+    gate_weight: torch.Tensor | None = None  # packed only
+    up_weight: torch.Tensor | None = None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -68,6 +70,14 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def packed_silu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) as two oneDNN ops, the SiLU and the product fused into the
+    matmuls: no elementwise passes over the [tokens, intermediate] activations, which took a
+    third of a bf16 prefill's MLP time (SmolLM2, 512 tokens: 3.7 ms a layer unfused, 1.6 fused)."""
+    g = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, g, up, None, "mul")
 
 
 def load_hf_model(path: str, device: torch.device, dtype: torch.dtype):
@@ -160,8 +170,11 @@ class ModelRunner:
         if self.packed:
             with torch.no_grad():
                 for layer in self.layers:
-                    for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+                    for name in ("qkv_weight", "o_weight", "down_weight"):
                         setattr(layer, name, pack_weight(getattr(layer, name)))
+                    gate, up = layer.gate_up_weight.split(self.intermediate)
+                    layer.gate_weight, layer.up_weight = pack_weight(gate), pack_weight(up)
+                    layer.gate_up_weight = None
                 # A head tied to the embedding stays plain there (the lookup) and is packed here: the
                 # one weight held twice, for the largest matmul of a decode step.
                 self.lm_head = pack_weight(self.lm_head)
@@ -176,7 +189,8 @@ class ModelRunner:
         for m in (self.embed, self.final_norm):
             roots += list(m.parameters()) + list(m.buffers())
         for layer in self.layers:
-            roots += [layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight]
+            roots += [t for t in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.gate_weight,
+                                  layer.up_weight, layer.down_weight) if t is not None]
             roots += [t for t in (layer.qkv_bias,) if t is not None]
             for m in (layer.input_norm, layer.post_norm):
                 roots += list(m.parameters())
@@ -251,8 +265,12 @@ class ModelRunner:
             a = paged_attention(q, k, v, k_cache, v_cache, inputs.attn, self.scale)
             h = h + linear(a.reshape(-1, nq * d), layer.o_weight)
             x = layer.post_norm(h)
-            gate, up = linear(x, layer.gate_up_weight).split(self.intermediate, dim=-1)
-            h = h + linear(F.silu(gate) * up, layer.down_weight)
+            if layer.gate_up_weight is None:
+                act = packed_silu_mlp(x, layer.gate_weight, layer.up_weight)
+            else:
+                gate, up = linear(x, layer.gate_up_weight).split(self.intermediate, dim=-1)
+                act = F.silu(gate) * up
+            h = h + linear(act, layer.down_weight)
         last = self.final_norm(h.index_select(0, inputs.logits_rows))
         return self.linear(last, self.lm_head).float()
 
