@@ -37,6 +37,7 @@ from ascendra.protocol import (
     stop_list,
     validate_common,
 )
+from ascendra.structured import guide_regex
 
 log = logging.getLogger("ascendra.api")
 
@@ -393,6 +394,7 @@ class API:
 
     def _check_common(self, req: GenerationRequest) -> None:
         validate_common(req)
+        guide_regex(req)
         if req.stop_token_ids:
             self._check_token_ids(req.stop_token_ids, "stop_token_ids")
         self._check_model(req.model)
@@ -465,6 +467,7 @@ class API:
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
             logprobs=logprobs_of(req),
+            guided_regex=guide_regex(req),  # validated in _check_common, cached
         )
 
     async def _generate(

@@ -47,6 +47,9 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     # Taken from the raw model distribution, log_softmax of the logits before penalties,
     # temperature and top-k/top-p: vLLM's default (logprobs_mode "raw_logprobs").
     logprobs: int | None = None
+    # Structured output: the output must match this regular expression (outlines-core syntax);
+    # the worker masks each step to the tokens that keep it matchable (workers/guided.py).
+    guided_regex: str | None = None
 
     @property
     def has_penalties(self) -> bool:

@@ -141,11 +141,13 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     length_penalty: float | None = None
     min_p: float | None = None
     logit_bias: Any = None
+    guided_grammar: Any = None
+    # Structured output (ascendra/structured.py): at most one of these.
     response_format: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
-    guided_grammar: Any = None
+    structured_outputs: Any = None
     use_beam_search: bool = False
     prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
@@ -211,10 +213,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "length_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
     "guided_grammar": (None,),
     "use_beam_search": (False,),
     "prompt_logprobs": (None,),

@@ -239,7 +239,7 @@ def test_logprobs_validation_names_the_field():
         (chat + b', "logprobs": true, "top_logprobs": -1}', ChatCompletionRequest, "top_logprobs"),
         (chat + b', "top_logprobs": 2}', ChatCompletionRequest, "top_logprobs"),
         (chat + b', "tools": [{"type": "function", "function": {"name": "f"}}]}', ChatCompletionRequest, "tools"),
-        (chat + b', "response_format": {"type": "json_object"}}', ChatCompletionRequest, "response_format"),
+        (chat + b', "guided_grammar": "root ::= x"}', ChatCompletionRequest, "guided_grammar"),
     ]:
         with pytest.raises(APIError) as e:
             value(body, cls)
@@ -458,7 +458,8 @@ def test_max_completion_tokens(srv):
                                   tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], tool_choice="required"), "tool_choice"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}],
-                                  response_format={"type": "json_schema", "json_schema": {}}), "response_format"),
+                                  response_format={"type": "json_schema", "json_schema": {}}),
+     "response_format.json_schema"),
 ])
 def test_out_of_range_fields_get_400_naming_them(srv, path, body, param):
     status, res = srv.post(path, body)

@@ -90,7 +90,7 @@ def _err(body: bytes, cls=CompletionRequest) -> APIError:
     (b'{"prompt": "x", "logprobs": 2, "echo": true}', "logprobs"),
     (b'{"prompt": "x", "prompt_logprobs": 1}', "prompt_logprobs"),
     (b'{"prompt": "x", "return_token_ids": 1}', "return_token_ids"),
-    (b'{"prompt": "x", "guided_json": {}}', "guided_json"),
+    (b'{"prompt": "x", "guided_grammar": "root ::= x"}', "guided_grammar"),
 ])
 def test_bounds_name_the_field(body, param):
     err = _err(body)

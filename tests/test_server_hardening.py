@@ -107,7 +107,8 @@ BAD_VALUES = [
     ("/v1/completions", dict(P, logprobs=21), "logprobs"),
     ("/v1/completions", dict(P, prompt_logprobs=1), "prompt_logprobs"),
     ("/v1/completions", dict(P, suffix="tail"), "suffix"),
-    ("/v1/chat/completions", dict(C, response_format={"type": "json_object"}), "response_format"),
+    ("/v1/chat/completions", dict(C, response_format={"type": "xml"}), "response_format.type"),
+    ("/v1/chat/completions", dict(C, guided_grammar="root ::= x"), "guided_grammar"),
     ("/v1/chat/completions", dict(C, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("/v1/chat/completions", dict(C, top_logprobs=3), "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", dict(C, logprobs=True, top_logprobs=21), "top_logprobs"),

@@ -23,6 +23,7 @@ from .device import (
     is_fatal_device_error,
     timed_clock,
 )
+from .guided import Guides
 from .kv_pool import KVPool
 from .sampler import PendingLogprobs, Sampler, SamplingError, TokenLogprobs
 
@@ -105,6 +106,9 @@ class Engine:
         self.requests = self.core.requests  # the core's table, read by the migration code
         self.sampler = Sampler(runner.eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
+        info = getattr(runner, "info", None)
+        self.guides = Guides(info.path if info is not None and not hasattr(runner, "next_tokens") else None,
+                             runner.eos_token_ids)
         self.device = torch.device(getattr(runner, "device", "cpu"))
         # Recorded after each step's KV writes are queued; a migration waits on it before it
         # lets another process read blocks of this pool (see workers/migration.py).
@@ -159,11 +163,12 @@ class Engine:
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self.guides.forget(request_id)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         if self.core.remove(request_id) is None:
             return None
-        self._generators.pop(request_id, None)
+        self.forget(request_id)
         return RequestOutput(request_id, finish_reason="abort")
 
     def has_work(self) -> bool:
@@ -193,7 +198,7 @@ class Engine:
             self.kv_written.record()
             error = f"model step failed: {type(exc).__name__}: {exc}"
             for seq in self.core.fail(step):
-                self._generators.pop(seq.request_id, None)
+                self.forget(seq.request_id)
                 result.outputs.append(RequestOutput(seq.request_id, finish_reason="error", error=error,
                                                     num_prompt_tokens=seq.num_prompt_tokens))
             result.step_time = timed_clock(self.device) - start
@@ -208,7 +213,7 @@ class Engine:
         for row, e in enumerate(self.core.complete(step, tokens, time.monotonic(), errors)):
             seq = e.seq
             if e.finish_reason is not None:
-                self._generators.pop(seq.request_id, None)
+                self.forget(seq.request_id)
             lp = logprobs.get(row) if logprobs and e.token is not None else None
             reported = {} if lp is None else {"logprobs": [lp.logprob], "top_token_ids": lp.top_ids,
                                               "top_logprobs": lp.top_logprobs}
@@ -231,9 +236,13 @@ class Engine:
             for i, p in enumerate(params):
                 if p.logprobs is not None:
                     tokens[i] = SamplingError("logprobs need a real model; the fake model has no logits")
+                elif p.guided_regex is not None:
+                    tokens[i] = SamplingError("structured output needs a real model; the fake model has no logits")
             return tokens, None
         logits = self.runner.execute(batch, self.pool)
         pending = PendingLogprobs.capture(logits, params)  # before the sampler edits the logits
+        guided = [(i, s.seq) for i, s in enumerate(sampling) if s.seq.sampling.guided_regex is not None]
+        guide_errors = self.guides.mask(logits, guided) if guided else {}
         tokens = self.sampler.sample(
             logits,
             params,
@@ -242,9 +251,16 @@ class Engine:
             [s.seq.request_id for s in sampling],
             [(s.seq.token_ids, s.seq.num_prompt_tokens) for s in sampling],
         )
+        for i, seq in guided:
+            error = guide_errors.get(i)
+            if error is None and not isinstance(tokens[i], SamplingError):
+                error = self.guides.advance(seq, tokens[i])
+            if error is not None:
+                tokens[i] = SamplingError(str(error))
         return tokens, pending.resolve(tokens) if pending is not None else None
 
     def close(self) -> None:
         self.core.abort_all()
         self._generators.clear()
+        self.guides.clear()
         self.pool.close()
