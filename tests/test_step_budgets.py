@@ -200,3 +200,20 @@ def test_server_flags_refuse_caps_below_the_fixed_ones():
         check({"max_seats": 4})
     with pytest.raises(ValueError, match="--max-chunk"):
         check({"max_chunk": 4})
+
+
+def test_worker_scheduler_guesses_decode_steps_at_their_context():
+    """The worker's scheduler prices a step's decodes at the last step's mean context, as the
+    simulator's instances do: long contexts make decode steps slower, and pacing that left them
+    out planned prefills into steps past the TBT objective."""
+    from types import SimpleNamespace
+
+    from workers.worker import Worker
+
+    model = PerfModel([0.006, 3e-5, 5e-8, 1.8e-4, 1.6e-6])
+    w = SimpleNamespace(perf=model, decode_context_mean=0.0)
+    short = Worker.scheduler_step_time(w, 256, 10)
+    w.decode_context_mean = 2000.0
+    long = Worker.scheduler_step_time(w, 256, 10)
+    assert long == pytest.approx(model.step_time(256, 10, 20_000))
+    assert long - short == pytest.approx(10 * 2000 * 1.6e-6)  # 32 ms the guess used to leave out
