@@ -448,7 +448,8 @@ class API:
             )
         return req.max_tokens
 
-    def _sampling(self, req: GenerationRequest, max_tokens: int, sample: int = 0) -> m.SamplingParams:
+    def _sampling(self, req: GenerationRequest, max_tokens: int, sample: int = 0,
+                  guided_regex: str | None = None) -> m.SamplingParams:
         top_k = req.top_k if req.top_k is not None else 0
         # The n samples of one prompt draw from different streams, reproducibly under one seed.
         seed = req.seed
@@ -467,7 +468,7 @@ class API:
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
             logprobs=logprobs_of(req),
-            guided_regex=guide_regex(req),  # validated in _check_common, cached
+            guided_regex=guided_regex,
         )
 
     async def _generate(
@@ -484,6 +485,7 @@ class API:
                                 skip_special_tokens=req.skip_special_tokens, return_token_ids=req.return_token_ids,
                                 tokens_as_ids=req.return_tokens_as_token_ids, chat=chat)
         want_ids = req.return_token_ids
+        guided = guide_regex(req)  # validated in _check_common: the same regex for every choice
         states: list[ServedRequest] = []
         try:
             for i, ids in enumerate(prompts):
@@ -492,7 +494,7 @@ class API:
                     chunks = ChunkWriter(rid, self.model_name, created, chat, index,
                                          prompt_ids=ids if want_ids else None) if req.stream else None
                     st = coord.new_request(
-                        rid if single else f"{rid}-{index}", ids, self._sampling(req, max_tokens[i], j), arrival,
+                        rid if single else f"{rid}-{index}", ids, self._sampling(req, max_tokens[i], j, guided), arrival,
                         stop_list(req.stop), chunks, include_usage and single,
                         ttft_slo=req.ttft_slo_ms / 1000.0 if req.ttft_slo_ms is not None else None,
                         tbt_slo=req.tbt_slo_ms / 1000.0 if req.tbt_slo_ms is not None else None,

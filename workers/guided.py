@@ -121,13 +121,15 @@ class Guides:
         if allowed.shape[1] < vocab:  # padded logits past the tokenizer's vocabulary: never allowed
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
         allowed = allowed[:, :vocab]
-        for k, (row, g) in enumerate(usable):
+        for k, (_, g) in enumerate(usable):
             if g.is_finished():  # the structure is complete: any end-of-sequence token may end it
                 allowed[k, self.eos_token_ids] = True
-            if not bool(allowed[k].any()):
-                errors[row] = GuideError("structured output: no token can continue the output")
-                continue
-            logits[row].masked_fill_(~allowed[k].to(logits.device), float("-inf"))
+        for k in (~allowed.any(dim=1)).nonzero().flatten().tolist():
+            errors[usable[k][0]] = GuideError("structured output: no token can continue the output")
+        rows_t = torch.tensor([row for row, _ in usable], device=logits.device)
+        # One host -> device copy for every guided row of the step; a row with nothing left errors
+        # above, and its -inf row is never sampled from.
+        logits[rows_t] = logits[rows_t].masked_fill(~allowed.to(logits.device), float("-inf"))
         return errors
 
     def advance(self, seq: Sequence, token: int) -> GuideError | None:
