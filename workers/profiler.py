@@ -1,6 +1,7 @@
 """Fits the step-time model on this worker's own device by running a grid of batch shapes.
 
-Results are cached per model + device + dtype + block size, so a restart skips the grid.
+Results are cached per model + device + dtype + block size + runtime revision, so a restart
+skips the grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from .device import timed_clock
 # time on shared boxes matters more.
 PROFILE_REPS = {"cuda": 5, "cpu": 1}
 
+# Bumped whenever a runtime change moves step times (a fused kernel, a new attention path), so
+# a profile fitted on older code is refitted rather than trusted: a stale one over-predicted
+# prefill by up to 8% after the CPU MLP was fused, and the schedulers paced to it.
+RUNTIME_REVISION = 2
+
 # (prefill chunks as (tokens, context), decodes as context lengths)
 Shape = tuple[list[tuple[int, int]], list[int]]
 
@@ -35,7 +41,8 @@ def profile_path(info, device: str, block_size: int, packed: bool = False) -> Pa
 
     threads = f"-t{torch.get_num_threads()}" if device == "cpu" else ""
     layout = "-packed" if packed else ""
-    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}{layout}.json".replace("/", "_")
+    name = (f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}{layout}"
+            f"-r{RUNTIME_REVISION}.json").replace("/", "_")
     return cache_dir().parent / "profiles" / name
 
 
