@@ -110,13 +110,16 @@ class AscendraPolicy(Policy):
 
     def __init__(self, specs: list[InstanceSpec], escalate_started: bool = True,
                  max_incoming_per_hp: int = 2, retry_delay: float = 0.5,
-                 force_escalation_after: int | None = None, adaptive_roles: bool = False) -> None:
+                 force_escalation_after: int | None = None, adaptive_roles: bool = False,
+                 class_routing: bool = True) -> None:
         super().__init__(specs)
         self.adaptive_roles = adaptive_roles
+        self.class_routing = class_routing
         self.role_changes: list[tuple[float, int, str]] = []  # (time, instance, new role)
         self._last_role_change = -math.inf
         self._last_escalated_to = {s.instance_id: -math.inf for s in specs}  # HP: when it last got one
         self._longest_ttft = 0.0
+        self._loosest_tbt = 0.0
         self.escalate_started = escalate_started
         # Testing and measurement: escalate every LP request after this many tokens.
         self.force_after = force_escalation_after
@@ -152,8 +155,15 @@ class AscendraPolicy(Policy):
         candidates = [i for i in self.instances if i.role == "lp"]
         if self.force_after is None:
             deadline = req.arrival_time + (req.ttft_slo or math.inf)
+            if self.class_routing and (self._tighter_than_seen(req.tbt_slo) or self._lp_too_slow_for(req)):
+                hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
+                                   started=False, new_request=True, tight=True)
+                if hp is not None:
+                    return hp
             hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                started=False, new_request=True)
+            if hp is not None and self.class_routing and self._tighter_held(hp, req.tbt_slo):
+                hp = None  # keep the HP's steps short for the tighter class it serves
             if hp is not None:
                 candidates.append(self.instances[hp])
         lp = least_loaded(candidates)
@@ -166,6 +176,33 @@ class AscendraPolicy(Policy):
         if inst is None:  # every LP instance is gone and no HP has a ticket: HP instances still serve
             inst = least_loaded([i for i in self.instances if i.role == "hp"])
         return inst.instance_id if inst is not None else None
+
+    def _lp_too_slow_for(self, req: RouteRequest) -> bool:
+        """Whether every live LP's typical step (its decodes and this one, its prefill budget while
+        prompts wait) is over req's TBT objective: an LP could hold it on pace only by starving
+        its own prompts' prefill, so a request this tight belongs on an HP that has room."""
+        if req.tbt_slo is None:
+            return False
+        lps = [i for i in self.instances if i.role == "lp" and i.alive]
+        if not lps:
+            return False
+        for inst in lps:
+            st = self.state[inst.instance_id]
+            prefill = st.prefill_budget() if inst.num_waiting or inst.num_unstarted else 0
+            step = st.perf.step_time(prefill, st.decodes + 1, st.decode_context + req.num_prompt_tokens)
+            if step <= req.tbt_slo:
+                return False
+        return True
+
+    def _tighter_than_seen(self, tbt_slo: float | None) -> bool:
+        """Whether a looser TBT class than tbt_slo has been seen (so this request is the tight kind)."""
+        return tbt_slo is not None and tbt_slo < self._loosest_tbt
+
+    def _tighter_held(self, instance_id: int, tbt_slo: float | None) -> bool:
+        """Whether the instance holds a request with a tighter TBT objective than tbt_slo."""
+        if tbt_slo is None:
+            return any(r.tbt_slo is not None for r in self.on_instance[instance_id].values())
+        return any(r.tbt_slo is not None and r.tbt_slo < tbt_slo for r in self.on_instance[instance_id].values())
 
     def would_miss(self, req: RouteRequest) -> bool:
         """SLO-aware admission: True when no live instance is predicted to give req its first token
@@ -195,6 +232,8 @@ class AscendraPolicy(Policy):
         super().on_dispatch(instance_id, req)
         if req.ttft_slo is not None and req.ttft_slo > self._longest_ttft:
             self._longest_ttft = req.ttft_slo
+        if req.tbt_slo is not None and req.tbt_slo > self._loosest_tbt:
+            self._loosest_tbt = req.tbt_slo
         r = _Req(req.request_id, instance_id, req.num_prompt_tokens, req.max_tokens, req.arrival_time,
                  req.ttft_slo, req.tbt_slo)
         self.reqs[req.request_id] = r
@@ -452,7 +491,7 @@ class AscendraPolicy(Policy):
             self.num_hopeless += 1
 
     def _best_hp(self, prompt: int, n_out: int, max_tokens: int, ttft_deadline: float, tbt_slo: float | None,
-                 now: float, started: bool, new_request: bool = False) -> int | None:
+                 now: float, started: bool, new_request: bool = False, tight: bool = False) -> int | None:
         best, best_headroom = None, -math.inf
         for inst in self.instances:
             if inst.role != "hp" or not inst.alive:
@@ -460,7 +499,13 @@ class AscendraPolicy(Policy):
             st = self.state[inst.instance_id]
             if st.incoming >= self.max_incoming:
                 continue
-            if new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE):
+            if tight:
+                # A request too tight for any LP: the HP takes it while nothing escalated is queued
+                # and its decodes with this one stay inside the request's TBT objective.
+                if st.incoming or (tbt_slo is not None and
+                                   st.perf.step_time(0, st.decodes + 1, st.decode_context + prompt) > tbt_slo):
+                    continue
+            elif new_request and (st.incoming or inst.num_waiting or inst.num_running >= st.max_num_seqs * TICKET_SEAT_SHARE):
                 continue  # the ticket: new work only while HP has nothing escalated queued
             need = blocks_for(min(prompt + max_tokens, prompt + n_out + ESCALATION_GROWTH_TOKENS), st.block_size)
             if inst.total_blocks and inst.free_blocks - need < HP_FREE_BLOCK_RESERVE * inst.total_blocks:

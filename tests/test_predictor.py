@@ -252,3 +252,44 @@ def test_adaptive_roles_demote_an_hp_nobody_escalated_to_for_the_window():
     fixed.on_dispatch(0, RouteRequest("a", 10, 10, 0.0, ttft_slo=1.0))
     fixed.on_step(2, step(2, 1000.0))
     assert fixed.instances[2].role == "hp"
+
+
+def _route_mixed(pol, n):
+    """Alternate an interactive and a relaxed request, n of each, dispatching each where routed."""
+    placed = {"tight": [], "loose": []}
+    for i in range(n):
+        for kind, ttft, tbt in (("tight", 1.0, 0.05), ("loose", 5.0, 0.5)):
+            req = RouteRequest(f"{kind}{i}", 20, 20, 0.01 * i, ttft_slo=ttft, tbt_slo=tbt)
+            iid = pol.route(req)
+            pol.on_dispatch(iid, req)
+            placed[kind].append(iid)
+    return placed
+
+
+def test_mixed_slo_classes_are_routed_apart():
+    """The tight class goes to the HP while its steps stay inside that class's TBT; the looser
+    class is kept off an HP serving tighter requests, whose steps its decodes would lengthen."""
+    pol = make_policy()
+    for iid in (0, 1):
+        pol.on_step(iid, step(iid, 0.0))
+    placed = _route_mixed(pol, 3)
+    # The first pair comes before the classes are known apart: routed on load.
+    assert placed["tight"][1:] == [1, 1]
+    assert placed["loose"][1:] == [0, 0]
+
+
+def test_without_class_routing_the_classes_share_the_hp_ticket():
+    pol = make_policy(class_routing=False)
+    for iid in (0, 1):
+        pol.on_step(iid, step(iid, 0.0))
+    placed = _route_mixed(pol, 3)
+    assert 0 in placed["tight"] and 1 in placed["loose"]
+
+
+def test_tight_class_overflows_to_the_lp_when_the_hp_steps_would_break_its_tbt():
+    pol = make_policy()
+    pol.on_step(0, step(0, 0.0))
+    # 80 decodes on the HP: 10 ms + 40 ms > the 50 ms objective with one more.
+    pol.on_step(1, step(1, 0.0, running=80, num_seqs=80, num_decode_tokens=80, decode_context_tokens=800))
+    placed = _route_mixed(pol, 2)
+    assert placed["tight"] == [0, 0]

@@ -73,6 +73,9 @@ class SimConfig:
     admission: bool = False
     # Ascendra: roles that follow the load (AscendraPolicy adaptive_roles).
     adaptive_roles: bool = False
+    # Ascendra: the tight SLO class routed to the HP, the looser kept off it (AscendraPolicy
+    # class_routing); off for the ablation.
+    class_routing: bool = True
 
 
 class SimSequence(Sequence):
@@ -164,6 +167,8 @@ def build_policy(cfg: SimConfig, specs: list[InstanceSpec]):
             opts["escalate_started"] = False
         if cfg.adaptive_roles:
             opts["adaptive_roles"] = True
+        if not cfg.class_routing:
+            opts["class_routing"] = False
     return make_policy(cfg.policy, specs, **opts)
 
 

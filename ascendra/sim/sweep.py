@@ -38,6 +38,7 @@ class Variant:
     deadline_chunk: int = 1
     num_hp: int | None = None  # ascendra: a static split other than the setup's
     adaptive_roles: bool = False  # ascendra: the HP count follows the at-risk load
+    class_routing: bool = True  # ascendra: the tight SLO class to the HP, the looser kept off it
 
 
 VARIANTS = {
@@ -62,6 +63,8 @@ VARIANTS = {
     "ascendra-hp2": Variant("ascendra-hp2", "ascendra", num_hp=2),
     # Roles that follow the load, from the default split.
     "ascendra-adaptive": Variant("ascendra-adaptive", "ascendra", adaptive_roles=True),
+    # Without routing by SLO class (every class competes for the HP's ticket alike).
+    "ascendra-no-classes": Variant("ascendra-no-classes", "ascendra", class_routing=False),
     "sarathi-wide": Variant("sarathi-wide", "sarathi", seats_factor=4, chunk_factor=4),
 }
 
@@ -115,7 +118,8 @@ def simulate(setup: Setup, variant: Variant, rate: float, specs: list[RequestSpe
                   max_num_seqs=seats * v.seats_factor, chunk_size=chunk * v.chunk_factor,
                   max_seats=seats * v.deadline_seats if v.deadline_seats > 1 else None,
                   max_chunk=chunk * v.deadline_chunk if v.deadline_chunk > 1 else None,
-                  num_hp=setup.sim.num_hp if v.num_hp is None else v.num_hp, adaptive_roles=v.adaptive_roles)
+                  num_hp=setup.sim.num_hp if v.num_hp is None else v.num_hp, adaptive_roles=v.adaptive_roles,
+                  class_routing=v.class_routing)
     specs = setup.requests(rate) if specs is None else specs
     t0 = time.perf_counter()
     sim = Simulator(cfg, setup.cost, setup.model, setup.migration)
