@@ -199,10 +199,9 @@ class AscendraPolicy(Policy):
         return tbt_slo is not None and tbt_slo < self._loosest_tbt
 
     def _tighter_held(self, instance_id: int, tbt_slo: float | None) -> bool:
-        """Whether the instance holds a request with a tighter TBT objective than tbt_slo."""
-        if tbt_slo is None:
-            return any(r.tbt_slo is not None for r in self.on_instance[instance_id].values())
-        return any(r.tbt_slo is not None and r.tbt_slo < tbt_slo for r in self.on_instance[instance_id].values())
+        """Whether the instance holds a request with a tighter TBT objective than tbt_slo (any, if None)."""
+        bound = math.inf if tbt_slo is None else tbt_slo
+        return any(r.tbt_slo is not None and r.tbt_slo < bound for r in self.on_instance[instance_id].values())
 
     def would_miss(self, req: RouteRequest) -> bool:
         """SLO-aware admission: True when no live instance is predicted to give req its first token
@@ -500,8 +499,9 @@ class AscendraPolicy(Policy):
             if st.incoming >= self.max_incoming:
                 continue
             if tight:
-                # A request too tight for any LP: the HP takes it while nothing escalated is queued
-                # and its decodes with this one stay inside the request's TBT objective.
+                # The tight class (tighter than a class seen, or than every LP's steps): the HP takes
+                # it while nothing escalated is queued and its decodes with this one stay inside the
+                # request's TBT objective; the TTFT and block checks below still apply.
                 if st.incoming or (tbt_slo is not None and
                                    st.perf.step_time(0, st.decodes + 1, st.decode_context + prompt) > tbt_slo):
                     continue

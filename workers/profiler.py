@@ -39,11 +39,15 @@ Shape = tuple[list[tuple[int, int]], list[int]]
 def profile_path(info, device: str, block_size: int, packed: bool = False) -> Path:
     import torch  # CPU step times depend on the thread count and the weights' layout too
 
-    threads = f"-t{torch.get_num_threads()}" if device == "cpu" else ""
-    layout = "-packed" if packed else ""
-    name = (f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{threads}{layout}"
-            f"-r{RUNTIME_REVISION}.json").replace("/", "_")
-    return cache_dir().parent / "profiles" / name
+    threads = torch.get_num_threads() if device == "cpu" else None
+    name = f"{info.name}-{device.replace(':', '')}-{info.dtype}-b{block_size}{profile_suffix(threads, packed)}.json"
+    return cache_dir().parent / "profiles" / name.replace("/", "_")
+
+
+def profile_suffix(threads: int | None, packed: bool) -> str:
+    """The end of a profile's file stem: CPU thread count, weight layout, runtime revision (the
+    simulator's fidelity check finds the workers' profile by it)."""
+    return f"{'' if threads is None else f'-t{threads}'}{'-packed' if packed else ''}-r{RUNTIME_REVISION}"
 
 
 def grid(max_tokens: int, max_len: int) -> list[Shape]:

@@ -46,14 +46,12 @@ MAX_MODEL_LEN = 2048  # the tiny model's
 def worker_profile(num_instances: int) -> Path | None:
     """The profile the server's workers use: tiny on CPU with their threads each (packed weights)."""
     from ascendra.coordinator import cpu_worker_threads
-
-    from workers.profiler import RUNTIME_REVISION
+    from workers.profiler import profile_suffix
 
     threads = cpu_worker_threads(os.cpu_count() or 1, num_instances)
-    rev = f"-r{RUNTIME_REVISION}"
-    found = [p for p in costs.profile_files()
-             if p.name.startswith("tiny-cpu-") and p.stem.endswith((f"-t{threads}-packed{rev}", f"-t{threads}{rev}"))]
-    found.sort(key=lambda p: not p.stem.endswith(f"-packed{rev}"))
+    packed, plain = profile_suffix(threads, True), profile_suffix(threads, False)
+    found = [p for p in costs.profile_files() if p.name.startswith("tiny-cpu-") and p.stem.endswith((packed, plain))]
+    found.sort(key=lambda p: not p.stem.endswith(packed))
     return found[0] if found else None
 
 
