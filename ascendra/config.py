@@ -36,6 +36,7 @@ class ServingConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     num_hp: Annotated[int, Meta(ge=0, description=(
         "HP instances under --policy ascendra (default N//3, at least 1 when N >= 2)"))] | None = None
     escalate_started: bool = True  # ascendra: move started requests with their KV (--paper-escalation: off)
+    class_routing: bool = True  # ascendra: route by SLO class (--no-class-routing: off, for ablation)
     force_escalation_after: Annotated[int, Meta(ge=0, description=(
         "ascendra, for testing and measuring migration: escalate every LP request once it has produced TOKENS "
         "tokens (0: before its first), whatever the predictor says"))] | None = None

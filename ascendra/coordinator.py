@@ -70,6 +70,7 @@ class Coordinator:
         policy_name = config.policy or default_policy(len(devices))  # None: the default for this many
         self.specs = plan_instances(policy_name, len(devices), config.num_hp)
         self.policy: Policy = make_policy(policy_name, self.specs, escalate_started=config.escalate_started,
+                                          class_routing=config.class_routing,
                                           force_escalation_after=config.force_escalation_after)
         self.requests: dict[str, ServedRequest] = {}
         self._frozen_since: dict[str, float] = {}  # escalated while decoding: frozen at, until its next token

@@ -155,7 +155,7 @@ class AscendraPolicy(Policy):
         candidates = [i for i in self.instances if i.role == "lp"]
         if self.force_after is None:
             deadline = req.arrival_time + (req.ttft_slo or math.inf)
-            if self.class_routing and (self._tighter_than_seen(req.tbt_slo) or self._lp_too_slow_for(req)):
+            if self.class_routing and self._tighter_than_seen(req.tbt_slo):
                 hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                    started=False, new_request=True, tight=True)
                 if hp is not None:
@@ -176,23 +176,6 @@ class AscendraPolicy(Policy):
         if inst is None:  # every LP instance is gone and no HP has a ticket: HP instances still serve
             inst = least_loaded([i for i in self.instances if i.role == "hp"])
         return inst.instance_id if inst is not None else None
-
-    def _lp_too_slow_for(self, req: RouteRequest) -> bool:
-        """Whether every live LP's typical step (its decodes and this one, its prefill budget while
-        prompts wait) is over req's TBT objective: an LP could hold it on pace only by starving
-        its own prompts' prefill, so a request this tight belongs on an HP that has room."""
-        if req.tbt_slo is None:
-            return False
-        lps = [i for i in self.instances if i.role == "lp" and i.alive]
-        if not lps:
-            return False
-        for inst in lps:
-            st = self.state[inst.instance_id]
-            prefill = st.prefill_budget() if inst.num_waiting or inst.num_unstarted else 0
-            step = st.perf.step_time(prefill, st.decodes + 1, st.decode_context + req.num_prompt_tokens)
-            if step <= req.tbt_slo:
-                return False
-        return True
 
     def _tighter_than_seen(self, tbt_slo: float | None) -> bool:
         """Whether a looser TBT class than tbt_slo has been seen (so this request is the tight kind)."""
@@ -499,7 +482,7 @@ class AscendraPolicy(Policy):
             if st.incoming >= self.max_incoming:
                 continue
             if tight:
-                # The tight class (tighter than a class seen, or than every LP's steps): the HP takes
+                # The tight class (tighter than a looser class seen): the HP takes
                 # it while nothing escalated is queued and its decodes with this one stay inside the
                 # request's TBT objective; the TTFT and block checks below still apply.
                 if st.incoming or (tbt_slo is not None and

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-escalation", action="store_true",
                    help="ascendra: escalate only requests that have not started (the paper's code) "
                         "instead of at every stage with KV migration")
+    p.add_argument("--no-class-routing", action="store_true",
+                   help="ascendra: route every request as one class (an ablation of routing by TBT objective)")
     add_flags(p, ["force_escalation_after", "ttft_slo", "tbt_slo", "max_waiting", "admission", "chunk_size",
                   "max_num_seqs", "max_seats", "max_chunk", "num_blocks", "block_size", "gpu_memory_utilization", "max_model_len",
                   "fake_model", "fake_step_time", "seed"])
@@ -117,7 +119,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     log.info("policy %s (%s)", policy, why)
     config = from_args(args, model_path=resolved.path, model_name=args.served_model_name or resolved.name,
-                       escalate_started=not args.paper_escalation, policy=policy)
+                       escalate_started=not args.paper_escalation,
+                       class_routing=not args.no_class_routing, policy=policy)
     try:
         coord = Coordinator(config, tokenizer)
     except (StartupError, ValueError) as e:

@@ -36,6 +36,7 @@ VARIANTS = {
     "ascendra-budget": ("ascendra", ["--max-seats", "512"]),
     "ascendra-budget-chunk": ("ascendra", ["--max-seats", "512", "--max-chunk", "2048"]),
     "ascendra-unstarted": ("ascendra", ["--paper-escalation"]),
+    "ascendra-no-classes": ("ascendra", ["--no-class-routing"]),
     "sarathi-seats": ("sarathi", ["--max-num-seqs", "512"]),
 }
 # Another serving system measured in the same run, on the same model and requests.

@@ -13,8 +13,9 @@ from ascendra.sequence import Sequence
 SP = SamplingParams(max_tokens=1000, temperature=0.0)
 
 
-def seq(rid, n, arrival=0.0, ttft=None, tbt=None):
-    return Sequence(rid, list(range(n)), SP, arrival, ttft, tbt)
+def seq(rid, n, arrival=0.0, ttft=None, tbt=None, max_tokens=None):
+    sp = SP if max_tokens is None else SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Sequence(rid, list(range(n)), sp, arrival, ttft, tbt)
 
 
 def make(policy, blocks=100, chunk=64, seqs=128, max_len=4096, **kw):
@@ -132,38 +133,37 @@ def test_hp_earliest_deadline_first():
 
 @pytest.mark.parametrize("policy", ["lp", "hp"])
 def test_latency_budget_trims_prefill_for_tight_tbt(policy):
-    # 1 ms per prefill token plus 10 ms a step: a decode exactly on pace with a 50 ms TBT leaves
-    # room for 40 tokens.
+    # 1 ms per prefill token plus 10 ms a step: a decode exactly on pace with a 50 ms TBT, at its
+    # last token (no later tokens to bank slack), leaves room for 40 tokens.
     s, _ = make(policy, chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
-    d = seq("dec", 5, tbt=0.05)
+    d = seq("dec", 5, tbt=0.05, max_tokens=2)
     s.add(d)
     advance(s, s.schedule(0.0), now=0.0)
-    s.avg_step = None  # no step history: pace to the linear schedule
     s.add(seq("new", 300, arrival=0.0, ttft=5.0))
     out = s.schedule(0.0)
     assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", 40)]
 
 
-def _decoding_after(s, first_token_at, n_tokens):
-    """A request on `s` with its first token at first_token_at and n_tokens sampled since."""
-    d = seq("dec", 5, tbt=0.05)
+def _decoding_after(s, first_token_at, n_tokens, max_tokens=None):
+    """A request on `s` with its first token at first_token_at and n_tokens sampled since; by
+    default the next token is its last, so no later token banks slack."""
+    d = seq("dec", 5, tbt=0.05, max_tokens=n_tokens + 1 if max_tokens is None else max_tokens)
     s.add(d)
     advance(s, s.schedule(first_token_at), now=first_token_at)
     d.token_ids.extend([7] * (n_tokens - 1))
     d.num_computed_tokens = len(d.token_ids) - 1
-    s.avg_step = None  # no step history: pace to the linear schedule
     return d
 
 
-@pytest.mark.parametrize("typical,expect", [(None, 40), (0.05, 40), (0.045, 85)])
-def test_short_typical_steps_let_a_decode_spend_its_future_slack(typical, expect):
-    # On pace (next token due in 0.05 s) with 10 tokens left: while the instance's steps typically
-    # take 0.045 s, the 9 after this one bank 9 x 5 ms, so this step may take 0.095 s: 85 tokens.
+@pytest.mark.parametrize("max_tokens,expect", [(2, 40), (3, 80), (6, 200), (1000, 300)])
+def test_a_decode_spends_the_slack_its_later_tokens_will_bank(max_tokens, expect):
+    # On pace (next token due in 0.05 s): each token after this one, at the 10 ms decode-only
+    # step, banks 40 ms, so with k of them this step may take 0.05 + 0.04 k s (the prefill
+    # 1 ms a token past the 10 ms); a long request lets the whole 300-token prompt in.
     s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
-    d = Sequence("dec", list(range(5)), SamplingParams(max_tokens=11), 0.0, None, 0.05)
+    d = Sequence("dec", list(range(5)), SamplingParams(max_tokens=max_tokens), 0.0, None, 0.05)
     s.add(d)
     advance(s, s.schedule(0.0), now=0.0)
-    s.avg_step = typical
     s.add(seq("new", 300, arrival=0.0, ttft=5.0))
     out = s.schedule(0.0)
     assert out.scheduled[0].seq is d
@@ -173,10 +173,10 @@ def test_short_typical_steps_let_a_decode_spend_its_future_slack(typical, expect
 def test_no_pacing_while_prompts_wait_past_their_ttft():
     """Overloaded (a prompt already missed its TTFT): full prefill budget, decodes not paced."""
     s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
-    _decoding_after(s, 0.0, 10)
+    _decoding_after(s, 0.58, 1)  # its last token due at 0.63: alone, the step could prefill 20
     s.add(seq("late", 100, arrival=0.0, ttft=0.2))
     s.add(seq("new", 300, arrival=0.55, ttft=5.0))
-    out = s.schedule(0.6)  # the decode is behind pace: alone it would get a decode-only step
+    out = s.schedule(0.6)
     assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", 300), ("late", 100)]
 
 
@@ -195,12 +195,24 @@ def test_decodes_ahead_of_pace_lend_their_banked_slack_to_prefill(policy):
 
 @pytest.mark.parametrize("policy", ["lp", "hp"])
 def test_decode_behind_pace_gets_a_decode_only_step(policy):
-    # 10 tokens were due by t=0.5; at t=0.6 the decode is behind but 990 tokens at 10 ms catch up.
+    # 10 tokens were due by t=0.5, and its last (the 19th after the first) by 0.95. At t=0.8497
+    # the 10 left at the 10 ms decode-only step end at 0.9497: it can still make it, with no
+    # room for one prefill token.
     s, _ = make(policy, chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
-    _decoding_after(s, 0.0, 10)
+    _decoding_after(s, 0.0, 10, max_tokens=20)
+    s.add(seq("new", 300, arrival=0.5, ttft=5.0))
+    out = s.schedule(0.8497)
+    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1)]
+
+
+def test_decode_behind_pace_with_many_tokens_left_lets_prefill_in():
+    # Behind by 0.1 s at t=0.6, but its 989 later tokens at the decode-only step bank 40 ms each:
+    # holding the prompt back would save nothing the mean TBT needs (Sarathi's full chunk).
+    s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
+    _decoding_after(s, 0.0, 10, max_tokens=1000)
     s.add(seq("new", 300, arrival=0.5, ttft=5.0))
     out = s.schedule(0.6)
-    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1)]
+    assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", 300)]
 
 
 def test_hopeless_decode_does_not_hold_prefills_back():

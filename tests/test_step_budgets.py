@@ -77,18 +77,17 @@ def test_lp_admits_past_max_num_seqs_while_steps_have_room_sarathi_does_not():
 
 
 def test_prefill_budget_grows_past_the_chunk_when_decodes_have_room():
-    # A decode on pace with a 0.5 s TBT (no step history): a step may take 0.5 s, i.e. 10 ms + 1 ms
+    # A decode on pace with a 0.5 s TBT, at its last token: a step may take 0.5 s, i.e. 10 ms + 1 ms
     # a prefill token + 2 ms for the decode: 488 tokens. The fixed chunk (64) caps it without
     # max_chunk; with max_chunk 300 the step prefills 300 - 1 (the decode's token counts).
     for max_chunk, expect in ((None, 63), (300, 299), (1000, 488)):
         s = make(seqs=8, chunk=64, max_chunk=max_chunk)
-        d = seq("dec", 5, tbt=0.5)
+        d = seq("dec", 5, tbt=0.5, max_tokens=2)  # its next token is its last: no later slack
         s.add(d)
         out = s.schedule(0.0)
         s.commit(out)
         d.token_ids.append(7)
         d.first_token_time = 0.0
-        s.avg_step = None
         s.add(seq("new", 2000, ttft=50.0))
         out = s.schedule(0.0)
         assert [(x.seq.request_id, x.num_tokens) for x in out.scheduled] == [("dec", 1), ("new", expect)]
