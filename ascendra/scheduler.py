@@ -14,7 +14,7 @@ Policies (../shared/DESIGN.md, "Scheduling policies"):
   decode able to meet its mean TBT, letting decodes spend the slack they banked and will bank.
 - ``hp`` (Ascendra high priority): the same rules; its waiting requests are mostly escalated
   ones, so least slack first is earliest deadline first.
-  On both, a decode behind pace (that can still recover) gets decode-only steps, and a
+  On both, a decode with no slack left (that can still recover) gets decode-only steps, and a
   request judged hopeless (TTFT missed, or a mean TBT no step plan can save) never holds
   anyone back: it is served best-effort, so past what the objectives allow the instance runs
   at full throughput like Sarathi instead of pacing for objectives nothing can meet.
