@@ -169,11 +169,6 @@ class Coordinator:
         policy = self.policy
         record = self.record
         record.step(step, policy.step_time_model(wid))
-        for esc in policy.on_step(wid, step):
-            if esc.request_id in self.requests and self.migrator.start(esc, now) is not None:
-                log.info("escalating %s from instance %d to %d (%s)", esc.request_id, esc.src, esc.dst, esc.reason)
-            else:
-                policy.on_migration_failed(esc.request_id, now)
         frozen = self._frozen_since
         requests = self.requests
         gen_tokens = 0
@@ -192,6 +187,7 @@ class Coordinator:
                     st.first_token_time = now
                     self.num_unstarted -= 1
                     policy.on_first_token(st.request_id)
+                    self.migrator.on_first_token(st.request_id)
                 st.last_token_time = now
                 policy.on_tokens(st.request_id, n, now)
                 if frozen and st.request_id in frozen:
@@ -218,6 +214,13 @@ class Coordinator:
                     self._end_from_worker(st, out, text, now)
         if gen_tokens:
             record.generated(gen_tokens)
+        # The policy judges the step after hearing its tokens, so that a prompt whose prefill
+        # just finished is not escalated for a first token it already has.
+        for esc in policy.on_step(wid, step):
+            if esc.request_id in self.requests and self.migrator.start(esc, now) is not None:
+                log.info("escalating %s from instance %d to %d (%s)", esc.request_id, esc.src, esc.dst, esc.reason)
+            else:
+                policy.on_migration_failed(esc.request_id, now)
         for up in step.migrations:
             res = self.migrator.on_update(wid, up, now)
             if res is not None:

@@ -39,6 +39,8 @@ class Migration:
     frozen_blocks: int = 0  # of which copied while the request was frozen
     copy_time: float = 0.0
     tokens_at_freeze: int = 0
+    # The request's first token reached the coordinator: a move for its TTFT has nothing left to save.
+    first_token_out: bool = False
     # Set when it ends.
     ok: bool | None = None
     error: str = ""
@@ -69,6 +71,11 @@ class Migrator:
             return None
         return m
 
+    def on_first_token(self, request_id: str) -> None:
+        m = self.active.get(request_id)
+        if m is not None:
+            m.first_token_out = True
+
     def on_update(self, worker_id: int, up: MigrationUpdate, now: float) -> MigrationResult | None:
         """Advance the migration this update belongs to; returns a result when it ends."""
         m = self.active.get(up.request_id)
@@ -81,6 +88,11 @@ class Migrator:
         if up.stage == "snapshot" and not self.allow_kv:
             self.send(m.src, MigrateCancel(rid))
             return MigrationResult(self._end(m, False, "already started"))
+        if up.stage == "snapshot" and m.reason == "ttft" and m.first_token_out:
+            # Escalated while its prefill ran, and the prefill finished first: its TTFT is what it
+            # is, and moving the decode would only freeze it.
+            self.send(m.src, MigrateCancel(rid))
+            return MigrationResult(self._end(m, False, "first token already out"))
         if up.stage == "snapshot":
             m.kind = "kv"
             m.stage = "precopy"

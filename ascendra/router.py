@@ -188,7 +188,8 @@ class Policy:
         raise NotImplementedError
 
     def on_step(self, instance_id: int, step: StepStats) -> list[Escalation]:
-        """Called for every worker step; returns escalations to perform (none by default)."""
+        """Called for every worker step, after the step's tokens and finishes (on_tokens,
+        on_finish); returns escalations to perform (none by default)."""
         self._record_step(instance_id, step)
         return []
 

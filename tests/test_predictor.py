@@ -167,6 +167,46 @@ def test_migrator_happy_path_and_failures():
     assert res.migration.ok and res.migration.kind == "waiting" and res.moved_state.request_id == "r"
 
 
+def test_migrator_drops_a_ttft_move_whose_first_token_came_out_first():
+    """The prefill finished between the escalation and the source's snapshot: the TTFT is
+    settled, so the move is called off; a move for TBT goes on with the decode's KV."""
+    sent = []
+    mig = Migrator(lambda wid, msg: sent.append((wid, type(msg).__name__)) or True)
+    mig.start(Escalation("r", 0, 1, "ttft"), 0.0)
+    mig.on_first_token("r")
+    res = mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 0.1)
+    assert not res.migration.ok and res.migration.error == "first token already out"
+    assert sent == [(0, "MigrateOut"), (0, "MigrateCancel")] and not mig.active
+
+    sent.clear()
+    mig.start(Escalation("r", 0, 1, "tbt"), 1.0)
+    mig.on_first_token("r")
+    assert mig.on_update(0, MigrationUpdate("r", "snapshot", source=_source(3)), 1.1) is None
+    assert sent[-1] == (1, "MigrateIn")
+
+    # still mid-prefill at the snapshot: the TTFT move carries its KV as before
+    sent.clear()
+    mig = Migrator(lambda wid, msg: sent.append((wid, type(msg).__name__)) or True)
+    mig.start(Escalation("q", 0, 1, "ttft"), 2.0)
+    assert mig.on_update(0, MigrationUpdate("q", "snapshot", source=_source(3)), 2.1) is None
+    assert sent[-1] == (1, "MigrateIn")
+
+
+def test_a_prompt_whose_first_token_arrived_is_not_escalated_for_ttft():
+    """The coordinator hands the policy a step's tokens before the step: a request that got its
+    first token in that step is no longer waiting for one, however slow the LP is."""
+    pol = make_policy()
+    now = 100.0
+    busy_hp(pol, now)
+    req = RouteRequest("urgent", 100, 20, now, ttft_slo=1.0)
+    pol.on_dispatch(0, req)
+    pol.on_tokens("urgent", 1, now + 0.01)
+    lp_step = step(0, now + 0.01, running=250, num_seqs=250, num_decode_tokens=250,
+                   decode_context_tokens=250 * 300, step_time=0.14)
+    assert pol.on_step(0, lp_step) == []
+    assert "urgent" not in pol.predicted_first_token(0, now + 0.01)
+
+
 def test_decode_behind_pace_that_lp_can_catch_up_stays():
     """Slightly behind pace, but a decode-only LP step (10.5 ms) is far inside the 50 ms objective:
     the LP scheduler catches it up, so moving it would only spend HP capacity."""

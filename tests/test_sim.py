@@ -108,9 +108,9 @@ def test_oversized_requests_fail_like_the_worker():
 class EscalateOnce(RoundRobinPolicy):
     """Escalates one chosen request from its instance to `dst` after it has `after` tokens."""
 
-    def __init__(self, specs, rid: str, dst: int, after: int) -> None:
+    def __init__(self, specs, rid: str, dst: int, after: int, reason: str = "test") -> None:
         super().__init__(specs, name="sarathi")
-        self.rid, self.dst, self.after = rid, dst, after
+        self.rid, self.dst, self.after, self.reason = rid, dst, after, reason
         self.tokens: dict[str, int] = {}
         self.where: dict[str, int] = {}
         self.sent = False
@@ -128,7 +128,7 @@ class EscalateOnce(RoundRobinPolicy):
         super().on_step(iid, step)
         if not self.sent and self.tokens.get(self.rid, 0) >= self.after and self.where.get(self.rid) == iid:
             self.sent = True
-            return [Escalation(self.rid, iid, self.dst, "test")]
+            return [Escalation(self.rid, iid, self.dst, self.reason)]
         return []
 
     def on_migrated(self, rid, dst, now):
@@ -151,6 +151,24 @@ def test_started_request_moves_with_its_kv():
     assert m.moved_kv == 1 and m.blocks_copied >= 200 // 16 and m.frozen_s > 0
     # Frozen only for the last blocks: far shorter than copying everything.
     assert m.frozen_s < setup.migration.blocks_time(m.blocks_copied)
+    assert_clean_end(sim, res)
+
+
+@pytest.mark.parametrize("reason,moves", [("ttft", False), ("tbt", True)])
+def test_a_ttft_escalation_of_a_decoding_request_is_dropped(reason, moves):
+    # The policy hears a step's tokens before the step (the coordinator's order), so one asking
+    # to move sim-0 once it has a token asks after its first token is out.
+    setup = small_setup()
+    specs = [RequestSpec(i, 0.01 * i, 200, 60) for i in range(6)]
+    pol = EscalateOnce(plan_instances("sarathi", 3), "sim-0", dst=2, after=1, reason=reason)
+    sim, res = run(setup, "sarathi", 1.0, specs, policy_obj=pol)
+    seq = next(s for s in res.requests if s.index == 0)
+    if moves:
+        assert pol.migrated == [("sim-0", 2)] and res.migrations.moved_kv == 1 and res.migrations.late == 0
+    else:
+        assert pol.failed == ["sim-0"] and not pol.migrated and seq.instance == 0
+        assert res.migrations.late == 1 and res.migrations.moved_kv == 0
+    assert seq.num_output_tokens == 60
     assert_clean_end(sim, res)
 
 

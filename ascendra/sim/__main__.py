@@ -368,7 +368,7 @@ def _extra_markdown(summary: dict) -> str:
         for pt in rows:
             mg = pt["migrations"]
             lines.append(f"| {pt['policy']} | {pt['rate']:g} | {sum(pt['escalations'].values())} | "
-                         f"{mg['moved_waiting']} | {mg['moved_kv']} | {mg['failed'] + mg['filtered']} | "
+                         f"{mg['moved_waiting']} | {mg['moved_kv']} | {mg['failed'] + mg['filtered'] + mg.get('late', 0)} | "
                          f"{mg['frozen_s']:.3f} |")
     lines += [""] + [f"- {n}" for n in summary.get("notes", [])]
     return "\n".join(lines) + "\n"

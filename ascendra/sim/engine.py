@@ -113,6 +113,7 @@ class MigrationStats:
     failed: int = 0  # destination short of blocks, request lost its KV, or stale
     cancelled: int = 0  # request finished while its blocks were being copied
     filtered: int = 0  # refused by the ablation (escalate_started off, or a stage left out)
+    late: int = 0  # escalated for its TTFT, but its first token was out before the move began
     blocks_copied: int = 0
     frozen_s: float = 0.0  # total time requests sat frozen
 
@@ -327,10 +328,9 @@ class Simulator:
         inst.num_steps += 1
         dur = inst.inflight_time
         inst.busy_s += dur
-        # The coordinator's order (Coordinator._on_step): the step goes to the policy first, then
-        # each request's tokens, then finishes; escalations act at the workers' next boundary.
+        # The coordinator's order (Coordinator.on_step): each request's tokens, then finishes, then
+        # the step goes to the policy; escalations act at the workers' next boundary.
         policy = self.policy
-        escalations = policy.on_step(inst.iid, self._step_output(inst, step, t, dur))
         on_tokens = policy.on_tokens
         record = self.cfg.record_token_times
         for e in emitted:
@@ -346,7 +346,7 @@ class Simulator:
                 seq.done = True
                 del self.active[seq.request_id]
                 policy.on_finish(seq.request_id)
-        for esc in escalations:
+        for esc in policy.on_step(inst.iid, self._step_output(inst, step, t, dur)):
             self._escalate(esc, t)
         if inst.pending_freezes:
             pending, inst.pending_freezes = inst.pending_freezes, []
@@ -398,6 +398,11 @@ class Simulator:
             return
         if stage == "waiting":
             self._move_waiting(seq, src, dst, t)
+            return
+        if stage == "decode" and esc.reason == "ttft":
+            # The migrator's rule: the prefill finished before the move began; nothing to save.
+            self.mstats.late += 1
+            self.policy.on_migration_failed(rid, t)
             return
         if not self.cfg.escalate_started:
             # The paper's code only offloads requests that were never scheduled.
