@@ -165,7 +165,7 @@ class Instance:
         """Commit a step that ran: ``tokens[i]`` is what sampling row i drew. A row listed in
         ``errors`` (by its index in ``step.sampling``) failed alone: that request ends with the
         error and its batch-mates go on."""
-        self.scheduler.commit(step.sched)
+        self.scheduler.commit(step.sched, now)
         out: list[Emitted] = []
         for i, s in enumerate(step.sampling):
             seq = s.seq

@@ -7,7 +7,7 @@ import pytest
 
 from ascendra.block_manager import BlockManager, OutOfBlocks
 from ascendra.messages import SamplingParams
-from ascendra.scheduler import Scheduler, SchedulerConfig
+from ascendra.scheduler import PACE_BANK_SHARE, Scheduler, SchedulerConfig
 from ascendra.sequence import Sequence
 
 SP = SamplingParams(max_tokens=1000, temperature=0.0)
@@ -155,11 +155,13 @@ def _decoding_after(s, first_token_at, n_tokens, max_tokens=None):
     return d
 
 
-@pytest.mark.parametrize("max_tokens,expect", [(2, 40), (3, 80), (6, 200), (1000, 300)])
+@pytest.mark.parametrize("max_tokens,expect", [(2, 40), (3, 76), (6, 184), (1000, 300)])
 def test_a_decode_spends_the_slack_its_later_tokens_will_bank(max_tokens, expect):
     # On pace (next token due in 0.05 s): each token after this one, at the 10 ms decode-only
-    # step, banks 40 ms, so with k of them this step may take 0.05 + 0.04 k s (the prefill
-    # 1 ms a token past the 10 ms); a long request lets the whole 300-token prompt in.
+    # step, banks 40 ms, of which pacing spends PACE_BANK_SHARE (36 ms), so with k of them this
+    # step may take 0.05 + 0.036 k s (the prefill 1 ms a token past the 10 ms); a long request
+    # lets the whole 300-token prompt in.
+    assert PACE_BANK_SHARE == 0.9
     s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
     d = Sequence("dec", list(range(5)), SamplingParams(max_tokens=max_tokens), 0.0, None, 0.05)
     s.add(d)

@@ -216,3 +216,56 @@ def test_worker_scheduler_guesses_decode_steps_at_their_context():
     long = Worker.scheduler_step_time(w, 256, 10)
     assert long == pytest.approx(model.step_time(256, 10, 20_000))
     assert long - short == pytest.approx(10 * 2000 * 1.6e-6)  # 32 ms the guess used to leave out
+
+
+def _paced_mean_tbt(slowdown: float, with_bias: bool) -> tuple[float, float]:
+    """One decode paced against a stream of prompts on an lp instance whose steps run ``slowdown``
+    times longer than its model says: (the decode's mean TBT, the bias factor learned)."""
+    from ascendra.instance import Instance
+
+    model = lambda p, d: 0.004 + 0.0001 * p + 0.001 * d  # noqa: E731
+    inst = Instance(SchedulerConfig("lp", 8, 512, 4096), 4000, 16, step_time=model)
+    if not with_bias:
+        inst.scheduler.bias.observe = lambda predicted, actual: None  # the model taken as it is
+    dec = Sequence("dec", list(range(8)), SamplingParams(max_tokens=120), 0.0, 50.0, 0.02)
+    inst.add(dec)
+    for i in range(200):  # prompts enough to fill every step the decode's pace leaves room for
+        inst.add(Sequence(f"p{i}", list(range(300)), SamplingParams(max_tokens=1), 0.0, 100.0, None))
+    now = 0.0
+    while "dec" in inst.requests:
+        step = inst.plan(now)
+        now += model(step.sched.num_prefill_tokens, step.sched.num_decode_tokens) * slowdown
+        inst.complete(step, [1] * len(step.sampling), now)
+    mean_tbt = (dec.last_token_time - dec.first_token_time) / (dec.sampling.max_tokens - 1)
+    return mean_tbt, inst.scheduler.bias.factor
+
+
+def test_pacing_learns_how_far_the_model_under_predicts_and_keeps_the_decode_inside_its_tbt():
+    # Steps 15% slower than predicted: pacing to the model alone spends the decode's slack on
+    # prefills priced too cheap and lands it over its 20 ms objective; pacing with the measured
+    # bias keeps it inside. An exact model learns no bias (a factor of 1, the old pacing).
+    tbt_alone, _ = _paced_mean_tbt(1.15, with_bias=False)
+    tbt_biased, factor = _paced_mean_tbt(1.15, with_bias=True)
+    assert tbt_alone > 0.02
+    assert factor == pytest.approx(1.15)
+    assert tbt_biased <= 0.02 and tbt_biased > 0.018  # still spends its slack, just not more
+    tbt_exact, factor = _paced_mean_tbt(1.0, with_bias=True)
+    assert factor == pytest.approx(1.0) and tbt_exact <= 0.02
+
+
+def test_step_time_bias_is_a_clipped_mean_never_below_one():
+    from ascendra.scheduler import BIAS_MIN_STEPS, StepTimeBias
+
+    b = StepTimeBias(window=32)
+    for _ in range(BIAS_MIN_STEPS - 1):
+        b.observe(0.01, 0.02)
+    assert b.factor == 1.0  # too few steps seen: the model as it is
+    b.observe(0.01, 0.02)
+    assert b.factor == pytest.approx(2.0)
+    for _ in range(32):
+        b.observe(0.01, 0.008)  # faster than predicted: no discount, the window forgot the slow ones
+    assert b.factor == 1.0
+    b.observe(0.01, 5.0)  # one stall counts at most 2x
+    assert b.factor == 1.0
+    b.observe(0.0, 0.01)  # nothing to compare
+    assert len(b._ratios) == 32
