@@ -143,24 +143,19 @@ class StepTimeBias:
 
     def __init__(self, window: int = BIAS_WINDOW) -> None:
         self._ratios: deque[float] = deque(maxlen=window)
-        self._sum = 0.0
 
     def observe(self, predicted: float, actual: float) -> None:
         if not (predicted > 0 and actual > 0):
             return
         lo, hi = BIAS_CLIP
-        r = min(max(actual / predicted, lo), hi)
-        if len(self._ratios) == self._ratios.maxlen:
-            self._sum -= self._ratios[0]
-        self._ratios.append(r)
-        self._sum += r
+        self._ratios.append(min(max(actual / predicted, lo), hi))
 
     @property
     def factor(self) -> float:
         n = len(self._ratios)
         if n < BIAS_MIN_STEPS:
             return 1.0
-        return max(1.0, self._sum / n)
+        return max(1.0, sum(self._ratios) / n)
 
 
 class Scheduler:
@@ -225,7 +220,8 @@ class Scheduler:
         else:
             self._schedule_decode_first(out, now)
         if self.step_time is not None and out.scheduled and self.config.policy in ("lp", "hp"):
-            self._planned = (now, self.step_time(out.num_prefill_tokens, out.num_decode_tokens))
+            decodes = out.num_decode_tokens
+            self._planned = (now, self.step_time(out.num_tokens - decodes, decodes))
         return out
 
     def commit(self, out: SchedulerOutput, now: float | None = None) -> None:
