@@ -95,7 +95,7 @@ def test_worker_exits_when_its_coordinator_dies(tiny_model, tmp_path):
         import sys, time
         sys.path.insert(0, {os.getcwd()!r})
         from workers.driver import WorkerDriver
-        d = WorkerDriver({tiny_model.path!r}, "--num-blocks", "32", stderr_to_file=True)
+        d = WorkerDriver({tiny_model.path!r}, "--num-blocks", "32", stderr_to_file=True, tmp_dir={str(tmp_path)!r})
         reg = d.wait_registered()[0]
         print(reg.pid, reg.pool.name, d.stderr_path(0), flush=True)
         time.sleep(600)
@@ -133,6 +133,7 @@ def test_repeated_sigterm_exits_cleanly(tiny_model):
         assert reg.pool.name not in our_shm_segments()
     finally:
         d.close()
+    assert not os.path.exists(d.tmp)  # the socket folder goes with the driver
 
 
 def test_a_bad_sampling_value_fails_only_its_request(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,11 @@ from ascendra.messages import (
 
 class WorkerDriver:
     def __init__(self, model_path: str, *extra: str, worker_ids=(0,), parent_pid: int | None = None,
-                 stderr_to_file: bool = False) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="ascendra-test-")
+                 stderr_to_file: bool = False, tmp_dir: str | None = None) -> None:
+        # The socket (and stderr files) live in a folder close() removes; a caller that may be
+        # killed before close() passes a folder it cleans up itself (pytest's tmp_path).
+        self._owns_tmp = tmp_dir is None
+        self.tmp = tempfile.mkdtemp(prefix="ascendra-test-") if tmp_dir is None else str(tmp_dir)
         self.addr = f"ipc://{self.tmp}/coord.sock"
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -74,3 +78,5 @@ class WorkerDriver:
                 p.wait(10)
         self.sock.close()
         self.ctx.term()
+        if self._owns_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
