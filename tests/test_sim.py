@@ -404,3 +404,66 @@ def test_fidelity_harness_runs_the_real_server_and_the_simulator(tmp_path):
     assert fit["steps_alone"] + fit["steps_beside"] >= 40 and fit["loop_s"] >= 0
     assert report["rows"][0]["real"]["completed"] == 12
     assert sum(1 for _ in (out / "steps.jsonl").open()) > fit["steps_alone"] + fit["steps_beside"]
+
+
+def _slow_phase_log(alone: PerfModel, n: int = 120) -> list[dict]:
+    """Worker 0 alone: steps exactly as `alone` says, except 1.5x slower for steps 40-79."""
+    rows = synthetic_step_log(alone, alone, loop_s=0.0, n=n)[:n]
+    for i, r in enumerate(rows):
+        if 40 <= i < 80:
+            r["step_time"] *= 1.5
+    return rows
+
+
+def test_logged_step_residuals_keep_their_order_and_average_one():
+    alone = PerfModel.from_list(COEF)
+    log = _slow_phase_log(alone)
+    cost = costs.SharedHostCost.fit(log).with_residuals(log)
+    [series] = cost.residuals  # one logged worker
+    assert len(series) == 120 and sum(series) / 120 == pytest.approx(1.0)
+    # The slow phase is still one run of consecutive slow steps, ~1.5x the others (the fit took
+    # it in too, so the others are not all exactly alike).
+    slow = [i for i, q in enumerate(series) if q > series[0] * 1.2]
+    assert slow == list(range(40, 80))
+    fast = series[:40] + series[80:]
+    assert (sum(series[40:80]) / 40) / (sum(fast) / 80) == pytest.approx(1.5, rel=0.05)
+    # The fit is the same with or without them; without, the simulator times steps by the fit.
+    probe = BatchShape(300, 300 * 400, 12, 12 * 700)
+    assert cost.predict_shared(probe, 0) == costs.SharedHostCost.fit(log).predict_shared(probe, 0)
+    assert costs.SharedHostCost.fit(log).residuals is None
+
+
+def test_simulator_replays_logged_step_noise_from_a_seeded_point(tmp_path):
+    alone = PerfModel.from_list(COEF)
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _slow_phase_log(alone)))
+    smooth = costs.make_cost(f"steplog:{path}")
+    noisy = costs.make_cost(f"steplog:{path}", step_noise=True)
+    [series] = noisy.residuals
+    cfg = SimConfig(policy="sarathi", num_instances=1, num_blocks=256, max_model_len=2048, check_invariants=True)
+    specs = [RequestSpec(0, 0.0, 64, 200)]  # one decode: ~200 steps of the same shape, one after another
+
+    def token_gaps(cost, seed: int) -> tuple[list[float], int]:
+        sim = Simulator(replace(cfg, noise_seed=seed), cost, alone, costs.MigrationCost(32 * 1024))
+        res = sim.run(specs)
+        assert_clean_end(sim, res)
+        t = res.requests[0].token_times
+        return [b - a for a, b in zip(t, t[1:])], (sim._residuals[0][1] if sim._residuals else -1)
+
+    plain, _ = token_gaps(smooth, 0)
+    (first, start), (again, _), (other, _) = token_gaps(noisy, 0), token_gaps(noisy, 0), token_gaps(noisy, 1)
+    assert first == again and first != other  # the seed picks where the replay starts
+    # Step k + 1 (the prefill was step 0) takes the fit's time times the log's next residual, in order:
+    # 199 steps through a 120-step log cross its slow phase.
+    for k in range(len(first)):
+        assert first[k] == pytest.approx(plain[k] * series[(start + 1 + k) % len(series)], rel=1e-9)
+    assert max(g / p for g, p in zip(first, plain)) / min(g / p for g, p in zip(first, plain)) > 1.4
+    with pytest.raises(ValueError, match="steplog"):
+        costs.make_cost("a100", step_noise=True)
+
+
+def test_step_noise_without_a_step_log_is_refused_naming_the_flag():
+    from ascendra.sim.__main__ import main
+
+    with pytest.raises(SystemExit, match="--cost steplog:PATH"):
+        main(["--step-noise", "0", "--rate", "1", "--num-requests", "4", "--policy", "sarathi"])

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-time source: a100 (vidur table + attention model, default), "
                         "profile:PATH (PerfModel JSON {\"coef\": [...]}), coef:[c0,...], "
                         "steplog:PATH (fit on a CPU server's --step-log: steps alone / beside another worker's)")
+    s.add_argument("--step-noise", type=int, default=None, metavar="SEED",
+                   help="with steplog:PATH: replay how the logged steps strayed from the fit, in their order, "
+                        "from a point per instance that SEED picks (the workload's --seed stays apart), "
+                        "instead of timing every step by the fit alone")
     s.add_argument("--shared", default=str(costs.DEFAULT_SHARED), help="the shared data directory")
     add_flags(s, ["num_blocks", "block_size", "max_num_seqs", "chunk_size", "max_model_len"], required_default=True,
               help={"num_blocks": "KV blocks per instance (default: a100 memory model; 4096 otherwise)",
@@ -135,7 +139,10 @@ def link_bandwidth(spec: str | None) -> float:
 def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | None) -> Setup:
     shared = Path(a.shared)
     cost_spec = a.cost or (sc.cost if sc else "a100")
-    cost = costs.make_cost(cost_spec, shared)
+    try:
+        cost = costs.make_cost(cost_spec, shared, step_noise=a.step_noise is not None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     # What the system believes: a PerfModel as its profiler would fit it on this "device".
     model = cost if isinstance(cost, PerfModel) else costs.fit_perf_model(cost)
     pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -157,7 +164,7 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         chunk_size=pick(a.chunk_size, sc.chunk_size if sc else default("chunk_size")),
         max_model_len=pick(a.max_model_len, sc.max_model_len if sc else 8192),
         ttft_slo=ttft, tbt_slo=tbt, scheduler_uses_model=a.scheduler_model,
-        record_token_times=not a.no_token_times)
+        record_token_times=not a.no_token_times, noise_seed=a.step_noise or 0)
     wcfg = workload_config(a, None)
     if wl is not None:
         wcfg = replace(wcfg, dataset=wl.dataset, arrivals=wl.arrivals, burstiness=wl.burstiness,
@@ -173,6 +180,8 @@ def make_setup(a: argparse.Namespace, sc: Scenario | None, wl: WorkloadDef | Non
         if wl is None and wcfg.arrivals == "auto":
             wcfg = replace(wcfg, arrivals="poisson")  # rates are swept: Poisson, as the paper's setup
     label = "Llama-3.1-8B on A100-80GB (simulated)" if cost_spec == "a100" else f"simulated ({cost_spec})"
+    if a.step_noise is not None:
+        label += ", logged step noise replayed"
     link = costs.MigrationCost(kv_bytes, block_size, link_bandwidth(a.link or (sc.link if sc else None)),
                                a.link_latency)
     notes = [f"step time: {'vidur A100 operator table + attention model' if cost_spec == 'a100' else cost_spec}; "

@@ -187,6 +187,9 @@ class SharedHostCost:
     def __init__(self, alone: PerfModel, beside: PerfModel, loop_s: float = 0.0) -> None:
         self.alone, self.beside, self.loop_s = alone, beside, loop_s
         self.num_alone = self.num_beside = 0  # steps each was fitted on
+        # Per logged worker, in time order: each step's measured / fitted time, scaled to mean 1
+        # (None: steps take exactly the fit). See with_residuals.
+        self.residuals: list[list[float]] | None = None
 
     def predict(self, shape: BatchShape) -> float:
         return self.beside.predict(shape) + self.loop_s if not shape.is_empty else 0.0
@@ -218,6 +221,31 @@ class SharedHostCost:
         cost = cls(fit(alone) if len(alone) >= min_steps else both, fit(beside) if len(beside) >= min_steps else both,
                    sum(gaps) / len(gaps) if gaps else 0.0)
         cost.num_alone, cost.num_beside = len(alone), len(beside)
+        return cost
+
+    def with_residuals(self, steps: list[dict]) -> "SharedHostCost":
+        """The same fit, plus how the logged steps strayed from it, for the simulator to replay.
+
+        A real host's steps are neither exact nor independent: on the 2-core CPU they stray by
+        ~14% (sd) from the fit and stay high or low for tens of steps (the box's phases), which
+        is what tips paced decodes over a TBT objective. A smooth fit hides that."""
+        alone, _, _ = _split_steps(steps)
+        alone_ids = {id(r) for r in alone}
+        by_worker: dict[int, list[tuple[float, float]]] = {}
+        for r in steps:
+            fitted = (self.alone if id(r) in alone_ids else self.beside).predict(_shape(r)) + self.loop_s
+            if fitted > 0 and r["step_time"] > 0:
+                by_worker.setdefault(r["worker"], []).append((r["end"], r["step_time"] / fitted))
+        series = []
+        for rows in by_worker.values():
+            rows.sort()
+            ratios = [q for _, q in rows]
+            mean = sum(ratios) / len(ratios)
+            series.append([q / mean for q in ratios])
+        if not series:
+            raise ValueError("no logged step to take residuals from")
+        cost = self.scaled(1.0)
+        cost.residuals = series
         return cost
 
     def speed_ratio(self, steps: list[dict]) -> float:
@@ -307,8 +335,12 @@ class MigrationCost:
 LINKS = {"pcie4": 25e9, "pcie5": 50e9, "nvlink3": 250e9}
 
 
-def make_cost(spec: str, shared: Path | None = None):
-    """--cost a100 | profile:PATH | coef:[...] | steplog:PATH -> a PerfModel-compatible step-time source."""
+def make_cost(spec: str, shared: Path | None = None, step_noise: bool = False):
+    """--cost a100 | profile:PATH | coef:[...] | steplog:PATH -> a PerfModel-compatible step-time source.
+
+    step_noise (steplog only): the simulator replays the logged steps' deviations from the fit."""
+    if step_noise and not spec.startswith("steplog:"):
+        raise ValueError("step noise is taken from a step log: use it with --cost steplog:PATH")
     if spec == "a100":
         table = (shared / "profiles" / "vidur-a100-llama3-8b" / "mlp.csv") if shared else VIDUR_A100_TABLE
         return OperatorTableCost(table)
@@ -318,7 +350,9 @@ def make_cost(spec: str, shared: Path | None = None):
         coef = json.loads(spec.split(":", 1)[1])
         return PerfModel.from_list([float(c) for c in coef])
     if spec.startswith("steplog:"):  # a server's --step-log
-        return SharedHostCost.fit(read_step_log(spec.split(":", 1)[1]))
+        steps = read_step_log(spec.split(":", 1)[1])
+        cost = SharedHostCost.fit(steps)
+        return cost.with_residuals(steps) if step_noise else cost
     raise ValueError(f"unknown cost source {spec!r}: use a100, profile:PATH, coef:[...] or steplog:PATH")
 
 

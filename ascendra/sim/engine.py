@@ -21,6 +21,7 @@ iterations back to back, like the real worker's busy loop; an idle one waits to 
 from __future__ import annotations
 
 import heapq
+import random
 from dataclasses import dataclass, field
 
 from ascendra.block_manager import OutOfBlocks, blocks_for
@@ -76,6 +77,8 @@ class SimConfig:
     # Ascendra: the tight SLO class routed to the HP, the looser kept off it (AscendraPolicy
     # class_routing); off for the ablation.
     class_routing: bool = True
+    # Where each instance starts replaying a cost's logged step residuals (SharedHostCost.residuals).
+    noise_seed: int = 0
 
 
 class SimSequence(Sequence):
@@ -207,6 +210,15 @@ class Simulator:
         self.escalations_by_stage: dict[str, int] = {}  # moves begun, by the request's stage
         self.num_rejected = 0  # refused at arrival (admission)
         self._shared_host = getattr(cost, "predict_shared", None)
+        # Logged deviations from the fit, replayed in order from a seeded point per instance, so
+        # slow and fast phases last as long as they did on the host.
+        self._residuals: list[tuple[list[float], int]] = []
+        series = getattr(cost, "residuals", None)
+        if series:
+            rng = random.Random(cfg.noise_seed)
+            for inst in self.instances:
+                r = series[inst.iid % len(series)]
+                self._residuals.append((r, rng.randrange(len(r))))
 
     # ------------------------------------------------------------------ event queue
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -312,6 +324,9 @@ class Simulator:
         else:  # instances on one host slow each other down (see costs.SharedHostCost)
             others = sum(o.inflight is not None for o in self.instances)  # inst is idle here
             dur = self._shared_host(shape, others)
+        if self._residuals:
+            r, start = self._residuals[inst.iid]
+            dur *= r[(start + inst.num_steps) % len(r)]
         if not dur > 0:
             dur = 1e-9  # time must move on for a non-empty batch
         if shape.decodes:
