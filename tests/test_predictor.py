@@ -333,3 +333,22 @@ def test_tight_class_overflows_to_the_lp_when_the_hp_steps_would_break_its_tbt()
     pol.on_step(1, step(1, 0.0, running=80, num_seqs=80, num_decode_tokens=80, decode_context_tokens=800))
     placed = _route_mixed(pol, 2)
     assert placed["tight"] == [0, 0]
+
+
+def test_tight_class_goes_to_the_lp_while_the_hp_steps_run_at_its_pace():
+    """An HP whose recent steps average near the tight class's TBT objective (paced at the edge)
+    takes no more of that class, not even through the ticket; the LP serves it, least slack first.
+    Once the HP reports itself idle, it takes the class again."""
+    pol = make_policy()
+    pol.on_step(0, step(0, 0.0))
+    # Two decodes on the HP (a one-more-decode step is 11.5 ms, well inside 50 ms), but its steps
+    # have run 48 ms each: pacing spends the decodes' slack on prefills up to the objective.
+    for k in range(20):
+        pol.on_step(1, step(1, 0.05 * k, running=2, num_seqs=2, num_decode_tokens=2, decode_context_tokens=40,
+                            step_time=0.048))
+    placed = _route_mixed(pol, 3)
+    assert placed["tight"][1:] == [0, 0]
+    assert placed["loose"][1:] == [1, 1]  # the ticket still lets the looser class in: it holds no tighter one
+    pol.on_step(1, step(1, 2.0, running=0, waiting=0))  # drained
+    req = RouteRequest("later", 20, 20, 2.0, ttft_slo=1.0, tbt_slo=0.05)
+    assert pol.route(req) == 1
