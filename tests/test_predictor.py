@@ -352,3 +352,21 @@ def test_tight_class_goes_to_the_lp_while_the_hp_steps_run_at_its_pace():
     pol.on_step(1, step(1, 2.0, running=0, waiting=0))  # drained
     req = RouteRequest("later", 20, 20, 2.0, ttft_slo=1.0, tbt_slo=0.05)
     assert pol.route(req) == 1
+
+
+def test_a_tight_prompt_passes_the_looser_queue_on_an_lp():
+    """An LP holding 2,000 tokens of relaxed prompts (5 s TTFT) is hopeless for a tight prompt only
+    if it served them first; it serves least slack first, so the tight one is not, and stays on
+    the LP rather than spilling to the least-loaded instance of all."""
+    pol = make_policy()
+    for iid in (0, 1):
+        pol.on_step(iid, step(iid, 0.0))
+    for i in range(8):  # 256-token steps at 10 ms + 1 ms per token: ~2.7 s to clear them all
+        req = RouteRequest(f"loose{i}", 250, 20, 0.0, ttft_slo=5.0, tbt_slo=0.5)
+        pol.on_dispatch(0, req)
+    tight = RouteRequest("tight", 20, 20, 0.0, ttft_slo=1.0, tbt_slo=0.05)
+    assert not pol._hopeless_on(pol.instances[0], tight)
+    # Behind a long prompt due before it, a request is hopeless there (2,020 tokens: ~2.1 s > 1 s).
+    late = RouteRequest("late", 20, 20, 0.0, ttft_slo=1.0, tbt_slo=0.5)
+    pol.on_dispatch(0, RouteRequest("due-first", 2000, 20, 0.0, ttft_slo=0.5, tbt_slo=0.5))
+    assert pol._hopeless_on(pol.instances[0], late)
