@@ -62,9 +62,9 @@ ROLE_IDLE_TTFTS = 4.0
 # the request's TBT objective; past it the HP's decodes are paced at the edge already, and one more
 # stream of tight prompts tips them over, so the request goes to an LP, whose pacing serves it
 # ahead of the looser class (simulated on the CPU's logged steps with their noise, 30% at
-# 0.15 s / 0.03 s, mean of 8 noise seeds: the tight class met 84.1 -> 86.5% at 7 req/s and
-# 75.3 -> 78.0% at 8; sending it to the LP even past what the LP can serve in time scored
-# 88.9% at 7 but cost capacity on 1,000 requests, 11.0 against 12.0 req/s).
+# 0.15 s / 0.03 s, mean of 8 noise seeds: with _hopeless_on's least-slack estimate, the tight
+# class met 84.1 -> 89.7% at 7 req/s and 75.3 -> 83.0% at 8; keeping it on the LP even past what
+# the LP can serve in time cost capacity on 1,000 requests, 11.0 against 12.0 req/s).
 TIGHT_PACE_SHARE = 0.9
 # Weight of the newest step in an instance's running average of step time.
 STEP_TIME_SMOOTHING = 0.2
