@@ -229,11 +229,9 @@ class SharedHostCost:
         A real host's steps are neither exact nor independent: on the 2-core CPU they stray by
         ~14% (sd) from the fit and stay high or low for tens of steps (the box's phases), which
         is what tips paced decodes over a TBT objective. A smooth fit hides that."""
-        alone, _, _ = _split_steps(steps)
-        alone_ids = {id(r) for r in alone}
         by_worker: dict[int, list[tuple[float, float]]] = {}
-        for r in steps:
-            fitted = (self.alone if id(r) in alone_ids else self.beside).predict(_shape(r)) + self.loop_s
+        for r, model_s in self._fitted(steps):
+            fitted = model_s + self.loop_s
             if fitted > 0 and r["step_time"] > 0:
                 by_worker.setdefault(r["worker"], []).append((r["end"], r["step_time"] / fitted))
         series = []
@@ -248,11 +246,17 @@ class SharedHostCost:
         cost.residuals = series
         return cost
 
+    def _fitted(self, steps: list[dict]) -> list[tuple[dict, float]]:
+        """Each logged step with the time its model (alone or beside) gives it, worker loop aside."""
+        alone, beside, _ = _split_steps(steps)
+        return ([(r, self.alone.predict(_shape(r))) for r in alone]
+                + [(r, self.beside.predict(_shape(r))) for r in beside])
+
     def speed_ratio(self, steps: list[dict]) -> float:
         """Measured over predicted time of logged steps (>1: the host ran slower than when fitted)."""
-        alone, beside, _ = _split_steps(steps)
-        predicted = sum(self.alone.predict(_shape(r)) for r in alone) + sum(self.beside.predict(_shape(r)) for r in beside)
-        return sum(r["step_time"] for r in alone + beside) / predicted if predicted > 0 else 1.0
+        fitted = self._fitted(steps)
+        predicted = sum(t for _, t in fitted)
+        return sum(r["step_time"] for r, _ in fitted) / predicted if predicted > 0 else 1.0
 
     def scaled(self, factor: float) -> "SharedHostCost":
         """The same host running `factor` times slower (the worker loop unchanged)."""
