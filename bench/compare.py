@@ -5,6 +5,9 @@ For each policy it starts our server (`python -m ascendra.server ... --policy P`
 finds the rate where SLO attainment crosses 90%. Every measured point is saved as its own
 JSON under --out/points/, so an interrupted sweep resumes where it stopped. Results:
 summary.json, summary.md and attainment.png in --out.
+
+On a box whose speed drifts, `--interleave` keeps every server up and alternates the policies
+point by point (A B, B A, ...), and `--repeats N` measures each point N times.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import json
 import shlex
 import sys
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-outputs", action="store_true",
                    help="greedy runs; compare each request's output across policies")
     p.add_argument("--force", action="store_true", help="reuse --out even if its config differs")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every point this many times; capacity is read off the pooled attainment "
+                        "and each repeat's own capacity is reported too")
+    p.add_argument("--interleave", action="store_true",
+                   help="start every policy's server at once and measure each point for all of them in "
+                        "turn, reversing the order from point to point, so that drift in the box's speed "
+                        "favours no policy (the servers wait idle while another one is measured)")
     add_workload_args(p)
     add_client_args(p, timeout=120.0)
     add_slo_args(p, None, None)
@@ -144,23 +156,45 @@ class Sweep:
     rates: list[float]
     trace: list | None
     slo: dict | None
-    results: dict[str, dict[float, dict]] = field(default_factory=dict)
+    # policy -> rate -> repeat -> result
+    results: dict[str, dict[float, dict[int, dict]]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def repeats(self) -> int:
+        return self.a.repeats
+
+    def load(self) -> None:
+        for p in self.policies:
+            self.results[p] = {}
+            for r in self.rates:
+                for k in range(self.repeats):
+                    if (res := load_point(point_path(self.out, p, r, k))) is not None:
+                        self.results[p].setdefault(r, {})[k] = res
+
+    def as_lists(self) -> dict[str, dict[float, list[dict]]]:
+        return {p: {r: [reps[k] for k in sorted(reps)] for r, reps in by_rate.items()}
+                for p, by_rate in self.results.items()}
 
     def specs_at(self, rate: float) -> list[RequestSpec]:
         # Same seed at every rate: same lengths and prompts, arrival times scaled.
         return build_workload(workload_config(self.a, rate), self.trace)
 
     def below_floor(self, p: str, r: float) -> bool:
-        """Attainment already fell under --stop-below at a lower rate: skip r."""
-        return any(rr < r and res["summary"]["attainment"] < self.a.stop_below
-                   for rr, res in self.results[p].items())
+        """Attainment (over the repeats so far) already fell under --stop-below at a lower rate: skip r."""
+        for rr, reps in self.results[p].items():
+            if rr < r and reps:
+                n = sum(res["summary"]["num_requests"] for res in reps.values())
+                met = sum(res["summary"]["attainment"] * res["summary"]["num_requests"] for res in reps.values())
+                if met < self.a.stop_below * n:
+                    return True
+        return False
 
-    def missing(self, p: str) -> list[float]:
-        return [r for r in self.rates if r not in self.results[p]]
+    def missing(self, p: str) -> list[tuple[float, int]]:
+        return [(r, k) for r in self.rates for k in range(self.repeats) if k not in self.results[p].get(r, {})]
 
-    def todo(self, p: str) -> list[float]:
-        return [r for r in self.missing(p) if not self.below_floor(p, r)]
+    def todo(self, p: str) -> list[tuple[float, int]]:
+        return [(r, k) for r, k in self.missing(p) if not self.below_floor(p, r)]
 
     def client_config(self, base_url: str) -> ClientConfig:
         a = self.a
@@ -170,9 +204,8 @@ class Sweep:
             record_outputs=a.check_outputs or a.record_output_ids, max_concurrency=a.max_concurrency,
             abort_after=a.abort_after, prompt_mode=a.prompt_mode, extensions=not a.no_ignore_eos)
 
-    def run_policy(self, p: str, bar) -> None:
-        """Start p's server, measure its missing points, stop it. KeyboardInterrupt passes
-        through; server trouble raises RuntimeError."""
+    def start(self, p: str, stack: ExitStack, bar) -> ServerProcess:
+        """Start p's server, wait for it, warm it up and (first server only) measure the SLOs."""
         from tqdm import tqdm
 
         a = self.a
@@ -182,44 +215,104 @@ class Sweep:
         else:
             cmd, env = server_cmd(a, p, port, self.slo), {}
         log_name = p.replace(":", "-")
-        with ServerProcess(cmd, port, self.out / "logs" / f"{log_name}.log", env) as srv:
-            bar.set_description(f"sweep: starting {p}")
-            srv.wait_healthy(a.startup_timeout)
-            base = self.specs_at(1.0)
-            if a.warmup and base:
-                warm = [RequestSpec(-1 - i, 0.0, min(16, base[0].prompt_len), 4) for i in range(a.warmup)]
-                execute(warm, ClientConfig(base_url=srv.base_url, timeout_s=a.timeout, max_concurrency=1,
-                                           prompt_mode=a.prompt_mode), progress=False)
-            if self.slo is None:
-                self.slo = calibrate(a, base, srv.base_url)
-                write_json(str(self.out / "slo.json"), self.slo)
-                tqdm.write(f"SLOs: TTFT {self.slo['ttft_s']:.3f}s, TBT {self.slo['tbt_s']:.4f}s "
-                           f"({self.slo['source']}, on {p})", file=sys.stderr)
+        srv = stack.enter_context(ServerProcess(cmd, port, self.out / "logs" / f"{log_name}.log", env))
+        bar.set_description(f"sweep: starting {p}")
+        srv.wait_healthy(a.startup_timeout)
+        base = self.specs_at(1.0)
+        if a.warmup and base:
+            warm = [RequestSpec(-1 - i, 0.0, min(16, base[0].prompt_len), 4) for i in range(a.warmup)]
+            execute(warm, ClientConfig(base_url=srv.base_url, timeout_s=a.timeout, max_concurrency=1,
+                                       prompt_mode=a.prompt_mode), progress=False)
+        if self.slo is None:
+            self.slo = calibrate(a, base, srv.base_url)
+            write_json(str(self.out / "slo.json"), self.slo)
+            tqdm.write(f"SLOs: TTFT {self.slo['ttft_s']:.3f}s, TBT {self.slo['tbt_s']:.4f}s "
+                       f"({self.slo['source']}, on {p})", file=sys.stderr)
+        return srv
+
+    def measure(self, p: str, srv: ServerProcess, r: float, k: int, bar) -> None:
+        """One point (policy p, rate r, repeat k), saved as soon as it is measured.
+        KeyboardInterrupt passes through; a server that stopped answering raises RuntimeError."""
+        from tqdm import tqdm
+
+        a = self.a
+        tag = f"{p} @ {r:g} req/s" + (f" #{k + 1}" if self.repeats > 1 else "")
+        bar.set_description(f"sweep: {tag}")
+        wait_idle(srv.base_url, a.drain_timeout)
+        started = time.time()
+        res = execute(self.specs_at(r), self.client_config(srv.base_url), progress=True,
+                      desc=f"{p}@{r:g}", position=1)
+        if res["interrupted"]:
+            raise KeyboardInterrupt
+        res["policy"], res["rate"], res["repeat"], res["started_unix"] = p, r, k, started
+        self.results[p].setdefault(r, {})[k] = res
+        write_json(str(point_path(self.out, p, r, k)), res)
+        bar.update(1)
+        s = res["summary"]
+        tqdm.write(f"{tag:>24}: attainment {s['attainment']:.1%}, completed {s['completed']}/{s['num_requests']}"
+                   + (f", error: {res['error']}" if res["error"] else ""), file=sys.stderr)
+        if res["error"] and s["sent"] < s["num_requests"]:
+            # The server died or stopped answering: the point is kept (its failures are real),
+            # the policy's higher rates are not measured.
+            raise RuntimeError(f"{p} server failed at {r:g} req/s: {res['error']}\n"
+                               f"last log lines:\n{srv.log_tail()}")
+
+    def skip(self, p: str, r: float, k: int, bar) -> bool:
+        """Whether (p, r, k) needs no measurement (saved, or under the floor); counts it on the bar."""
+        if k in self.results[p].get(r, {}):
+            return True
+        if self.below_floor(p, r):
+            bar.update(1)
+            return True
+        return False
+
+    def run_policy(self, p: str, bar) -> None:
+        """Start p's server, measure its missing points, stop it."""
+        with ExitStack() as stack:
+            srv = self.start(p, stack, bar)
             for r in self.rates:
-                if r in self.results[p]:
+                for k in range(self.repeats):
+                    if not self.skip(p, r, k, bar):
+                        self.measure(p, srv, r, k, bar)
+
+    def run_interleaved(self, bar) -> None:
+        """Every policy's server up at once; each point is measured for every policy in turn,
+        the order reversed from one point to the next (A B, B A, ...), so a box that speeds up
+        or slows down over the run favours no policy. A policy whose server fails is reported
+        and dropped; the others go on."""
+        from tqdm import tqdm
+
+        with ExitStack() as stack:
+            servers: dict[str, ServerProcess] = {}
+            for p in self.policies:
+                if not self.todo(p):
                     continue
-                if self.below_floor(p, r):
-                    bar.update(1)
-                    continue
-                bar.set_description(f"sweep: {p} @ {r:g} req/s")
-                wait_idle(srv.base_url, a.drain_timeout)
-                res = execute(self.specs_at(r), self.client_config(srv.base_url), progress=True,
-                              desc=f"{p}@{r:g}", position=1)
-                if res["interrupted"]:
-                    raise KeyboardInterrupt
-                res["policy"], res["rate"] = p, r
-                self.results[p][r] = res
-                write_json(str(point_path(self.out, p, r)), res)
-                bar.update(1)
-                s = res["summary"]
-                tqdm.write(f"{p:>9} @ {r:g} req/s: attainment {s['attainment']:.1%}, completed "
-                           f"{s['completed']}/{s['num_requests']}"
-                           + (f", error: {res['error']}" if res["error"] else ""), file=sys.stderr)
-                if res["error"] and s["sent"] < s["num_requests"]:
-                    # The server died or stopped answering: the point is kept (its failures
-                    # are real), the policy's higher rates are not measured.
-                    raise RuntimeError(f"{p} server failed at {r:g} req/s: {res['error']}\n"
-                                       f"last log lines:\n{srv.log_tail()}")
+                try:
+                    servers[p] = self.start(p, stack, bar)
+                except RuntimeError as e:
+                    self.fail(p, e, bar)
+            turn = 0
+            for r in self.rates:
+                for k in range(self.repeats):
+                    order = [p for p in self.policies if p in servers and not self.skip(p, r, k, bar)]
+                    if not order:
+                        continue
+                    for p in order if turn % 2 == 0 else reversed(order):
+                        try:
+                            self.measure(p, servers[p], r, k, bar)
+                        except RuntimeError as e:
+                            del servers[p]
+                            self.fail(p, e, bar)
+                    turn += 1
+            if not servers:
+                tqdm.write("error: no server left to measure", file=sys.stderr)
+
+    def fail(self, p: str, e: RuntimeError, bar) -> None:
+        from tqdm import tqdm
+
+        self.errors[p] = str(e).splitlines()[0]
+        tqdm.write(f"error: {e}", file=sys.stderr)
+        bar.update(len(self.todo(p)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     policies += [PEER_PREFIX + peer for peer in a.peer]
     rates = sorted(float(r) for r in a.rates.split(","))
+    if a.repeats < 1:
+        print("error: --repeats must be at least 1", file=sys.stderr)
+        return 2
 
     # Everything that changes what a point measures; rates and policies may be added later.
     config = {k: getattr(a, k) for k in (
@@ -256,32 +352,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.ttft_slo is not None and a.tbt_slo is not None:
         slo = {"ttft_s": a.ttft_slo, "tbt_s": a.tbt_slo, "source": "given"}
     sweep = Sweep(a, out, policies, rates, load_trace_for(a), slo)
-    for p in policies:
-        sweep.results[p] = {r: res for r in rates if (res := load_point(point_path(out, p, r))) is not None}
+    sweep.load()
 
     bar = tqdm(total=sum(len(sweep.missing(p)) for p in policies), desc="sweep", unit="point", position=0,
                file=sys.stderr, dynamic_ncols=True)
     interrupted = False
     try:
-        for p in policies:
-            if not sweep.todo(p):
-                bar.update(len(sweep.missing(p)))
-                continue
-            try:
-                sweep.run_policy(p, bar)
-            except RuntimeError as e:  # never healthy, calibration failed, died mid-sweep
-                sweep.errors[p] = str(e).splitlines()[0]
-                tqdm.write(f"error: {e}", file=sys.stderr)
+        if a.interleave:
+            sweep.run_interleaved(bar)
+        else:
+            for p in policies:
+                if not sweep.todo(p):
+                    bar.update(len(sweep.missing(p)))
+                    continue
+                try:
+                    sweep.run_policy(p, bar)
+                except RuntimeError as e:  # never healthy, calibration failed, died mid-sweep
+                    sweep.fail(p, e, bar)
     except KeyboardInterrupt:
         interrupted = True
         tqdm.write("interrupted: saved points are kept; run the same command to resume", file=sys.stderr)
     finally:
         bar.close()
 
-    summary = summarize_sweep(sweep.results, policies, rates, sweep.slo, a.threshold, config)
+    results = sweep.as_lists()
+    summary = summarize_sweep(results, policies, rates, sweep.slo, a.threshold, config)
     summary["errors"] = sweep.errors
     if a.check_outputs:
-        summary["output_check"] = check_outputs(sweep.results, policies)
+        summary["output_check"] = check_outputs(results, policies)
     write_json(str(out / "summary.json"), summary)
     (out / "summary.md").write_text(markdown(summary))
     if summary["points"]:

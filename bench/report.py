@@ -25,21 +25,30 @@ def markdown(summary: dict) -> str:
     ]
     for p in pols:
         lines.append(f"| {p} | {metrics.Capacity(caps[p]['value'], caps[p]['bound']).label()} |")
-    lines += ["", "Attainment by rate (p99-TBT variant in brackets):", "",
+    by_repeat = summary.get("capacity_by_repeat")
+    if by_repeat:
+        lines += _repeat_capacity_table(pols, by_repeat)
+    pooled = _pooled(summary)
+    repeated = any(pt["repeats"] > 1 for pt in pooled)
+    lines += ["", "Attainment by rate (p99-TBT variant in brackets"
+              + ("; over all repeats, then each repeat's" if repeated else "") + "):", "",
               "| rate (req/s) | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
-    by = {(pt["policy"], pt["rate"]): pt for pt in summary["points"]}
-    for rate in sorted({pt["rate"] for pt in summary["points"]}):
+    by = {(pt["policy"], pt["rate"]): pt for pt in pooled}
+    for rate in sorted({pt["rate"] for pt in pooled}):
         cells = []
         for p in pols:
             pt = by.get((p, rate))
-            cells.append("-" if pt is None else f"{pt['attainment']:.1%} ({pt['attainment_p99_tbt']:.1%})")
+            cell = "-" if pt is None else f"{pt['attainment']:.1%} ({pt['attainment_p99_tbt']:.1%})"
+            if pt is not None and pt["repeats"] > 1:
+                cell += " [" + " / ".join(f"{a:.1%}" for a in pt["attainment_per_repeat"]) + "]"
+            cells.append(cell)
         lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
     lines += ["", "| policy | rate | completed | failed | req/s | out tok/s | TTFT p50 / p99 (s) | "
               "TPOT p50 / p99 (s) | goodput (req/s) |",
               "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for pt in summary["points"]:
-        lines.append(f"| {pt['policy']} | {pt['rate']:g} | {pt['completed']} | {pt['failed']} | "
+        lines.append(f"| {pt['policy']} | {_rate_label(pt)} | {pt['completed']} | {pt['failed']} | "
                      f"{f(pt.get('request_throughput_rps'))} | {f(pt['output_tok_s'])} | "
                      f"{f(pt['ttft_p50_s'])} / {f(pt['ttft_p99_s'])} | "
                      f"{f(pt['tbt_mean_p50_s'])} / {f(pt['tbt_mean_p99_s'])} | {f(pt.get('goodput_rps'))} |")
@@ -52,12 +61,39 @@ def markdown(summary: dict) -> str:
             by_class = pt["attainment_by_class"]
             cells = [f"{by_class[n]['attainment']:.1%} ({by_class[n]['ttft_met']:.1%})" if n in by_class else "-"
                      for n in names]
-            lines.append(f"| {pt['policy']} | {pt['rate']:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {pt['policy']} | {_rate_label(pt)} | " + " | ".join(cells) + " |")
     oc = summary.get("output_check")
     if oc:
         lines += ["", f"Greedy outputs vs {oc['reference']}: " + "; ".join(
             f"{p}: {v['mismatches']} of {v['compared']} differ" for p, v in oc["policies"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _pooled(summary: dict) -> list[dict]:
+    # A summary saved before repeats existed has points only: one repeat each.
+    return summary.get("pooled") or [pt | {"repeats": 1} for pt in summary["points"]]
+
+
+def _rate_label(pt: dict) -> str:
+    return f"{pt['rate']:g}" + (f" #{pt['repeat'] + 1}" if pt.get("repeat") else "")
+
+
+def _repeat_capacity_table(pols: list[str], by_repeat: dict[str, list[dict]]) -> list[str]:
+    ref = pols[0]
+    others = pols[1:]
+    lines = ["", "Capacity of each repeat on its own (req/s" + (f"; ratio to {ref}" if others else "") + "):", "",
+             "| repeat | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
+    for k in range(len(by_repeat[ref])):
+        cells = []
+        for p in pols:
+            c = by_repeat[p][k]
+            cell = metrics.Capacity(c["value"], c["bound"]).label()
+            base = by_repeat[ref][k]["value"]
+            if p != ref and c["value"] is not None and base:
+                cell += f" ({c['value'] / base:.2f}x)"
+            cells.append(cell)
+        lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -69,12 +105,17 @@ def plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for p in summary["policies"]:
         # A burst (rate inf) has no place on a rate axis; the tables show it.
-        pts = sorted((pt["rate"], pt["attainment"]) for pt in summary["points"]
+        pts = sorted((pt["rate"], pt["attainment"]) for pt in _pooled(summary)
                      if pt["policy"] == p and math.isfinite(pt["rate"]))
         if not pts:
             continue
         cap = metrics.Capacity(summary["capacity"][p]["value"], summary["capacity"][p]["bound"])
-        ax.plot([r for r, _ in pts], [a * 100 for _, a in pts], marker="o", label=f"{p} (cap {cap.label()})")
+        line, = ax.plot([r for r, _ in pts], [a * 100 for _, a in pts], marker="o", label=f"{p} (cap {cap.label()})")
+        if summary.get("capacity_by_repeat"):
+            # Each repeat as a faint dot around the pooled line: the spread a single run hides.
+            each = [(pt["rate"], pt["attainment"]) for pt in summary["points"]
+                    if pt["policy"] == p and math.isfinite(pt["rate"])]
+            ax.scatter([r for r, _ in each], [a * 100 for _, a in each], s=12, alpha=0.4, color=line.get_color())
     ax.axhline(summary["threshold"] * 100, color="grey", ls="--", lw=1)
     slo = summary["slo"]
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731

@@ -289,6 +289,35 @@ def test_compare_sweep_against_stub_and_resume(tmp_path):
 
 
 @pytest.mark.e2e
+def test_compare_interleaves_policies_point_by_point_and_adds_repeats(tmp_path):
+    out = tmp_path / "cmp"
+    base = [sys.executable, "-m", "bench.compare", "--server-cmd", "{python} -m bench.stub --port {port} --tbt 0.002",
+            "--policies", "vllm,ascendra", "--rates", "5,20", "--dataset", "fixed", "--num-requests", "4",
+            "--prompt-len", "8", "--output-len", "3", "--out", str(out), "--ttft-slo", "5", "--tbt-slo", "5",
+            "--warmup", "0", "--check-outputs", "--interleave", "--startup-timeout", "60"]
+    res = subprocess.run(base + ["--repeats", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    points = [json.loads(f.read_text()) for f in (out / "points").rglob("*.json")]
+    assert sorted(f.name for f in (out / "points" / "vllm").iterdir()) == [
+        "rate_20.json", "rate_20_rep1.json", "rate_5.json", "rate_5_rep1.json"]
+    # Both servers were up at once and took turns, the order reversed from one point to the next.
+    order = [(pt["rate"], pt["repeat"], pt["policy"]) for pt in sorted(points, key=lambda pt: pt["started_unix"])]
+    assert order == [(5.0, 0, "vllm"), (5.0, 0, "ascendra"), (5.0, 1, "ascendra"), (5.0, 1, "vllm"),
+                     (20.0, 0, "vllm"), (20.0, 0, "ascendra"), (20.0, 1, "ascendra"), (20.0, 1, "vllm")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["points"]) == 8 and {pt["repeats"] for pt in summary["pooled"]} == {2}
+    assert [len(v) for v in summary["capacity_by_repeat"].values()] == [2, 2]
+    assert summary["output_check"]["policies"]["ascendra"]["compared"] == 16
+    assert "Capacity of each repeat on its own" in (out / "summary.md").read_text()
+    # A third repeat later measures only the new points; the saved ones are kept.
+    mtimes = {f: f.stat().st_mtime for f in (out / "points").rglob("*.json")}
+    res = subprocess.run(base + ["--repeats", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {f: f.stat().st_mtime for f in mtimes} == mtimes
+    assert len(list((out / "points").rglob("*_rep2.json"))) == 4
+
+
+@pytest.mark.e2e
 def test_compare_extends_a_sweep_with_new_rates(tmp_path):
     out = tmp_path / "cmp"
     base = [sys.executable, "-m", "bench.compare", "--server-cmd", "{python} -m bench.stub --port {port}",

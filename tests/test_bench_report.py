@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from bench.report import markdown, write_json
 from bench.sweeps import load_point, summarize_sweep
 
@@ -30,7 +32,7 @@ def test_rate_inf_point_is_strict_json_and_reads_back(tmp_path):
 
 def test_summary_with_inf_rate_keeps_capacity_finite(tmp_path):
     rates = [1.0, 2.0, math.inf]
-    results = {"sarathi": {1.0: _result(1.0), 2.0: _result(0.95), math.inf: _result(0.2)}}
+    results = {"sarathi": {1.0: [_result(1.0)], 2.0: [_result(0.95)], math.inf: [_result(0.2)]}}
     summary = summarize_sweep(results, ["sarathi"], rates, {"ttft_s": 1.0, "tbt_s": 0.15, "source": "given"},
                               0.9, {})
     cap = summary["capacity"]["sarathi"]
@@ -66,3 +68,51 @@ def test_markdown_shows_attainment_per_slo_class():
                "slo": {"ttft_s": 0.25, "tbt_s": 0.1, "source": "per request"}}
     text = markdown(summary)
     assert "| policy | rate | 0.25/0.1 | 5/0.25 |" in text and "| ascendra | 2 | 33.3% (66.7%) | 100.0% (100.0%) |" in text
+
+
+def _requests(outputs: list[list[int]]) -> list[dict]:
+    return [{"index": i, "success": True, "output_ids": o} for i, o in enumerate(outputs)]
+
+
+def test_repeats_pool_into_one_curve_and_each_keeps_its_own_capacity():
+    # Two repeats of a 4-request sweep: sarathi crosses 90% between 1 and 2 req/s in the pooled
+    # curve (95% then 75%), ascendra only in its second repeat.
+    results = {
+        "sarathi": {1.0: [_result(1.0), _result(0.9)], 2.0: [_result(0.75), _result(0.75)]},
+        "ascendra": {1.0: [_result(1.0), _result(1.0)], 2.0: [_result(1.0), _result(0.5)]},
+    }
+    summary = summarize_sweep(results, ["sarathi", "ascendra"], [1.0, 2.0], {"ttft_s": 1.0, "tbt_s": 0.1,
+                              "source": "given"}, 0.9, {})
+    assert [(pt["policy"], pt["rate"], pt["repeat"]) for pt in summary["points"]][:4] == [
+        ("sarathi", 1.0, 0), ("sarathi", 1.0, 1), ("sarathi", 2.0, 0), ("sarathi", 2.0, 1)]
+    pooled = {(pt["policy"], pt["rate"]): pt for pt in summary["pooled"]}
+    assert pooled["sarathi", 1.0]["attainment"] == 0.95 and pooled["sarathi", 1.0]["attainment_per_repeat"] == [1.0, 0.9]
+    assert pooled["ascendra", 2.0]["attainment"] == 0.75
+    # Pooled: sarathi 0.95 -> 0.75 crosses 0.9 a quarter of the way; ascendra 1.0 -> 0.75 at 0.4.
+    assert summary["capacity_rps"] == {"sarathi": pytest.approx(1.25), "ascendra": pytest.approx(1.4)}
+    by_repeat = summary["capacity_by_repeat"]
+    assert [c["value"] for c in by_repeat["sarathi"]] == pytest.approx([1.4, 1.0])
+    assert [c["value"] for c in by_repeat["ascendra"]] == pytest.approx([2.0, 1.2])
+    assert [c["bound"] for c in by_repeat["ascendra"]] == ["lower_bound", "interpolated"]
+    text = markdown(summary)
+    assert "| 1 | 1.4 | >= 2 (1.43x) |" in text and "| 2 | 1 | 1.2 (1.20x) |" in text
+    assert "| 1 | 95.0% (95.0%) [100.0% / 90.0%] | 100.0% (100.0%) [100.0% / 100.0%] |" in text
+    assert "| sarathi | 1 #2 |" in text  # the per-point table names the repeat
+
+
+def test_a_single_repeat_summary_has_no_repeat_table():
+    summary = summarize_sweep({"sarathi": {1.0: [_result(0.95)]}}, ["sarathi"], [1.0], None, 0.9, {})
+    assert "capacity_by_repeat" not in summary and summary["pooled"][0]["attainment"] == 0.95
+    assert "repeat" not in markdown(summary).split("| policy | capacity")[1].split("Attainment by rate")[0]
+
+
+def test_outputs_are_compared_repeat_by_repeat():
+    from bench.sweeps import check_outputs
+
+    a = {"requests": _requests([[1, 2], [3, 4]])}
+    b = {"requests": _requests([[1, 2], [3, 5]])}
+    results = {"sarathi": {1.0: [a, a]}, "ascendra": {1.0: [a, b]}}
+    report = check_outputs(results, ["sarathi", "ascendra"])
+    got = report["policies"]["ascendra"]
+    assert (got["compared"], got["mismatches"], report["identical"]) == (4, 1, False)
+    assert got["examples"] == [{"rate": 1.0, "index": 1, "first_diff_at": 1}]

@@ -211,7 +211,8 @@ def sweep_summary(points: dict[str, dict[float, dict]], setup: Setup, threshold:
               "link_gb_s": setup.migration.bandwidth_bytes_s / 1e9, "link_latency_s": setup.migration.latency_s,
               } | extra_config
     slo = {"ttft_s": cfg.ttft_slo, "tbt_s": cfg.tbt_slo, "source": "given (simulated)"}
-    summary = summarize_sweep(points, policies, rates, slo, threshold, config)
+    one_repeat = {p: {r: [res] for r, res in by_rate.items()} for p, by_rate in points.items()}
+    summary = summarize_sweep(one_repeat, policies, rates, slo, threshold, config)
     for row in summary["points"]:
         sim = points[row["policy"]][row["rate"]]["sim"]
         row["migrations"] = sim["migrations"]
