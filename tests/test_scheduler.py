@@ -7,7 +7,7 @@ import pytest
 
 from ascendra.block_manager import BlockManager, OutOfBlocks
 from ascendra.messages import SamplingParams
-from ascendra.scheduler import PACE_BANK_SHARE, Scheduler, SchedulerConfig
+from ascendra.scheduler import END_MARGIN_SPREADS, PACE_BANK_SHARE, Scheduler, SchedulerConfig
 from ascendra.sequence import Sequence
 
 SP = SamplingParams(max_tokens=1000, temperature=0.0)
@@ -271,3 +271,23 @@ def test_sequence_deadlines():
     x.first_token_time = 10.5
     assert x.next_token_deadline == pytest.approx(10.6)
     assert math.isinf(seq("b", 4).ttft_deadline)
+
+
+@pytest.mark.parametrize("max_tokens,expect", [(2, 24), (1000, 300)])
+def test_a_decode_near_its_end_keeps_a_step_spread_in_reserve(max_tokens, expect):
+    # Steps have run 0.9x and 1.1x of the prediction in turn: a mean of 1 (no bias) and a spread
+    # of about 10%. A decode on pace at its last token has nothing later to absorb a step that
+    # runs long, so pacing keeps END_MARGIN_SPREADS (3) spreads of its 0.05 s back, 15 ms:
+    # 24 prefill tokens, not 40. One with 998 tokens still to come holds a reserve of seconds
+    # and lets the whole prompt in.
+    assert END_MARGIN_SPREADS == 3.0
+    s, _ = make("lp", chunk=512, step_time=lambda p, d: 0.010 + 0.001 * p)
+    for i in range(64):
+        s.bias.observe(0.02, 0.02 * (0.9 if i % 2 else 1.1))
+    assert s.bias.factor == pytest.approx(1.0) and s.bias.spread == pytest.approx(0.1008, abs=1e-4)
+    d = Sequence("dec", list(range(5)), SamplingParams(max_tokens=max_tokens), 0.0, None, 0.05)
+    s.add(d)
+    advance(s, s.schedule(0.0), now=0.0)
+    s.add(seq("new", 300, arrival=0.0, ttft=5.0))
+    out = s.schedule(0.0)
+    assert out.scheduled[0].seq is d and out.scheduled[1].num_tokens == expect
