@@ -16,8 +16,11 @@ def markdown(summary: dict) -> str:
     caps = summary["capacity"]
     slo = summary["slo"]
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+    classes = _classes_label(summary.get("config") or {})
     lines = [
-        f"SLOs: TTFT <= {g(slo['ttft_s'])} s, mean TBT <= {g(slo['tbt_s'])} s ({slo['source']}); "
+        (f"SLO classes (share:TTFT s:TBT s) {classes}, each request scored against its own; for requests "
+         f"without one: " if classes else "SLOs: ")
+        + f"TTFT <= {g(slo['ttft_s'])} s, mean TBT <= {g(slo['tbt_s'])} s ({slo['source']}); "
         f"capacity = rate where attainment crosses {summary['threshold']:.0%}.",
         "",
         "| policy | capacity (req/s) |",
@@ -28,6 +31,11 @@ def markdown(summary: dict) -> str:
     by_repeat = summary.get("capacity_by_repeat")
     if by_repeat:
         lines += _repeat_capacity_table(pols, by_repeat)
+    for p, pair in (summary.get("paired") or {}).items():
+        if pair["pairs"] > 1:
+            lines += ["", f"{p} against {pair['reference']}, point by point (same rate and repeat): higher at "
+                      f"{pair['higher']}, lower at {pair['lower']} of {pair['pairs']} points, attainment "
+                      f"{100 * pair['mean_difference']:+.1f} points on average."]
     pooled = _pooled(summary)
     repeated = any(pt["repeats"] > 1 for pt in pooled)
     lines += ["", "Attainment by rate (p99-TBT variant in brackets"
@@ -67,6 +75,11 @@ def markdown(summary: dict) -> str:
         lines += ["", f"Greedy outputs vs {oc['reference']}: " + "; ".join(
             f"{p}: {v['mismatches']} of {v['compared']} differ" for p, v in oc["policies"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _classes_label(config: dict) -> str:
+    """--slo-classes as given (share:TTFT:TBT, comma-separated), or "" without classes."""
+    return ",".join(":".join(f"{v:g}" for v in c) for c in config.get("slo_classes") or ())
 
 
 def _pooled(summary: dict) -> list[dict]:
@@ -122,8 +135,11 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(0, 102)
-    ax.set_title(f"{summary['config']['model']}, {summary['config']['num_instances']} instances; "
-                 f"TTFT<={g(slo['ttft_s'])}s, TBT<={g(slo['tbt_s'])}s", fontsize=9)
+    classes = _classes_label(summary["config"])
+    objectives = (f"SLO classes {classes}" if classes
+                  else f"TTFT<={g(slo['ttft_s'])}s, TBT<={g(slo['tbt_s'])}s")
+    ax.set_title(f"{summary['config']['model']}, {summary['config']['num_instances']} instances; {objectives}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

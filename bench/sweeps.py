@@ -117,6 +117,7 @@ def summarize_sweep(results: dict[str, dict[float, list[dict]]], policies: Seque
         "points": points,
         "pooled": pooled,
     }
+    summary["paired"] = paired(points, policies)
     repeats = max((pt["repeat"] + 1 for pt in points), default=1)
     if repeats > 1:
         # Each repeat's curve on its own: how far one run's capacity can be trusted.
@@ -129,3 +130,19 @@ def summarize_sweep(results: dict[str, dict[float, list[dict]]], policies: Seque
 
 def _capacity_dict(c: metrics.Capacity) -> dict:
     return {"value": c.value, "bound": c.bound, "label": c.label()}
+
+
+def paired(points: Sequence[dict], policies: Sequence[str]) -> dict:
+    """Each policy against the first, point by point (same rate, same repeat, same requests):
+    how often it scored higher or lower, and the mean difference in attainment. With
+    --interleave the two points of a pair ran back to back, on the box as it was then, which a
+    capacity read off curves measured minutes apart does not guarantee."""
+    ref = policies[0] if policies else None
+    by = {(pt["policy"], pt["rate"], pt["repeat"]): pt["attainment"] for pt in points}
+    out = {}
+    for p in policies[1:]:
+        diffs = [by[p, r, k] - a for (q, r, k), a in by.items() if q == ref and (p, r, k) in by]
+        out[p] = {"reference": ref, "pairs": len(diffs), "higher": sum(d > 0 for d in diffs),
+                  "lower": sum(d < 0 for d in diffs),
+                  "mean_difference": sum(diffs) / len(diffs) if diffs else None}
+    return out

@@ -68,6 +68,11 @@ def test_markdown_shows_attainment_per_slo_class():
                "slo": {"ttft_s": 0.25, "tbt_s": 0.1, "source": "per request"}}
     text = markdown(summary)
     assert "| policy | rate | 0.25/0.1 | 5/0.25 |" in text and "| ascendra | 2 | 33.3% (66.7%) | 100.0% (100.0%) |" in text
+    assert text.startswith("SLOs: TTFT <= 0.25 s")
+    # With classes, the header says each request carried its own objectives (the sweep's SLOs are
+    # the fallback only).
+    text = markdown(summary | {"config": {"slo_classes": [[0.3, 0.25, 0.1], [0.7, 5.0, 0.25]]}})
+    assert text.startswith("SLO classes (share:TTFT s:TBT s) 0.3:0.25:0.1,0.7:5:0.25, each request scored")
 
 
 def _requests(outputs: list[list[int]]) -> list[dict]:
@@ -98,6 +103,11 @@ def test_repeats_pool_into_one_curve_and_each_keeps_its_own_capacity():
     assert "| 1 | 1.4 | >= 2 (1.43x) |" in text and "| 2 | 1 | 1.2 (1.20x) |" in text
     assert "| 1 | 95.0% (95.0%) [100.0% / 90.0%] | 100.0% (100.0%) [100.0% / 100.0%] |" in text
     assert "| sarathi | 1 #2 |" in text  # the per-point table names the repeat
+    # Point by point: ascendra higher at 1 #2 (1.0 vs 0.9) and 2 #1, lower at 2 #2, level at 1 #1.
+    assert summary["paired"]["ascendra"] | {"mean_difference": None} == {
+        "reference": "sarathi", "pairs": 4, "higher": 2, "lower": 1, "mean_difference": None}
+    assert summary["paired"]["ascendra"]["mean_difference"] == pytest.approx((0.1 + 0.25 - 0.25) / 4)
+    assert "ascendra against sarathi, point by point (same rate and repeat): higher at 2, lower at 1 of 4" in text
 
 
 def test_a_single_repeat_summary_has_no_repeat_table():
