@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip a policy's higher rates once its attainment falls below this")
     p.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
                    help="server command template ({python} {port} {model} {num_instances} {policy})")
-    p.add_argument("--server-args", default="", help="extra arguments appended to the server command")
+    p.add_argument("--server-args", default="",
+                   help="extra arguments appended to the server command; {policy} is replaced by the policy's "
+                        "name, e.g. '--step-log steps-{policy}.jsonl'")
     p.add_argument("--peer", choices=PEERS, action="append", default=[],
                    help="also measure this serving system (column peer:NAME); vllm: `vllm serve` from "
                         "--peer-venv on the same --model directory")
@@ -114,15 +116,16 @@ def peer_cmd(a: argparse.Namespace, peer: str, port: int) -> tuple[list[str], di
     return cmd + shlex.split(a.peer_args), env
 
 
-def server_cmd(a: argparse.Namespace, policy: str, port: int, slo: dict | None) -> list[str]:
-    policy, extra = VARIANTS.get(policy, (policy, []))
+def server_cmd(a: argparse.Namespace, name: str, port: int, slo: dict | None) -> list[str]:
+    policy, extra = VARIANTS.get(name, (name, []))
     cmd = a.server_cmd.format(python=shlex.quote(sys.executable), port=port, model=a.model,
                               num_instances=a.num_instances, policy=policy)
     extra = list(extra)
     if slo is not None and a.server_cmd == DEFAULT_SERVER_CMD:
         # Our server's defaults, for requests that do not carry their own SLO fields.
         extra += ["--ttft-slo", f"{slo['ttft_s']:.6g}", "--tbt-slo", f"{slo['tbt_s']:.6g}"]
-    return shlex.split(cmd) + extra + shlex.split(a.server_args)
+    # {policy} in --server-args names the setting, so servers up at once need not share a file.
+    return shlex.split(cmd) + extra + shlex.split(a.server_args.replace("{policy}", name))
 
 
 def calibrate(a: argparse.Namespace, specs: Sequence[RequestSpec], base_url: str) -> dict:

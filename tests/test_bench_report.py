@@ -53,6 +53,10 @@ def test_compare_names_the_simulators_variants_and_refuses_unknown_policies(caps
     assert cmd[cmd.index("--tbt-slo") + 1] == "0.1"
     cmd = compare.server_cmd(a, "sarathi", 8000, None)
     assert cmd[cmd.index("--policy") + 1] == "sarathi" and "--max-seats" not in cmd
+    # {policy} in --server-args: one step log per server when they run at once (--interleave).
+    a.server_args = "--step-log /tmp/steps-{policy}.jsonl"
+    cmd = compare.server_cmd(a, "ascendra-budget", 8000, None)
+    assert cmd[-2:] == ["--step-log", "/tmp/steps-ascendra-budget.jsonl"]
     assert compare.main(["--rates", "1", "--out", str(tmp_path), "--policies", "sarathi,fastest"]) == 2
     assert "--policies: unknown fastest" in capsys.readouterr().err
 
