@@ -94,7 +94,8 @@ def test_auto_dtype_is_bf16_where_the_cpu_has_it():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_weights_give_the_plain_linears_results(tiny_model, dtype):
     """oneDNN-packed weights (the CPU default) against plain F.linear: the same linears (bit-identical
-    in bf16; fp32 sums in another order), the fused MLP within rounding, the same greedy tokens (in bf16 up to a late near-tie)."""
+    in bf16; fp32 sums in another order), the fused MLP within rounding, the same greedy tokens
+    (in bf16 up to a late near-tie)."""
     from tests.runtime_utils import greedy, run_all
     from workers.engine import Engine, EngineConfig
 
