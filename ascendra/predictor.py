@@ -9,7 +9,9 @@ the times they measured or simulated.
   load traffic spreads over every instance, so one instance's death takes down only its share.
   A request no LP can serve in time goes to the least-loaded instance of all, as best-effort.
   With SLO classes, the tightest TBT class goes to an HP that can keep its pace (its decodes
-  with one more inside the objective, its recent steps well inside it), else to an LP.
+  with one more inside the objective, its recent steps well inside it), else to an LP; looser
+  classes share that HP only once the LPs are busy and while its steps stay well inside the
+  tightest objective it holds.
 - Prediction, after every LP step: the LP serves waiting prompts least-slack-first at its
   prefill budget (chunk_size - decodes, or less: what it measured prefilling per step while
   prompts waited, since its scheduler trims the budget to keep decodes on pace), so a
@@ -66,6 +68,14 @@ ROLE_IDLE_TTFTS = 4.0
 # class met 84.1 -> 89.7% at 7 req/s and 75.3 -> 83.0% at 8; keeping it on the LP even past what
 # the LP can serve in time cost capacity on 1,000 requests, 11.0 against 12.0 req/s).
 TIGHT_PACE_SHARE = 0.9
+# The looser class shares an HP that serves a tighter one once every LP's steps average over
+# this share of the looser class's TBT objective (the LP is busy, not idle), while the HP's steps
+# average under TIGHT_PACE_SHARE of the tightest objective it holds. Keeping the looser class
+# off the HP altogether left the LP holding 62% of the prompt tokens on the real CPU server, and
+# a wide LP's steps grow faster than linearly with its decodes (see sim/costs.py, width_factor):
+# simulated on a real run's logged steps with their noise (1,000 mixed-class requests, trace
+# arrivals, 4 seeds) capacity rose 18.6 -> 22.6 req/s; a share of 0 to 0.3 gave 22.1-22.6.
+BALANCE_LP_SHARE = 0.2
 # Weight of the newest step in an instance's running average of step time.
 STEP_TIME_SMOOTHING = 0.2
 
@@ -179,7 +189,8 @@ class AscendraPolicy(Policy):
             else:
                 hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                    started=False, new_request=True)
-                if hp is not None and self.class_routing and self._tighter_held(hp, req.tbt_slo):
+                if (hp is not None and self.class_routing and self._tighter_held(hp, req.tbt_slo)
+                        and not self._balance_to_hp(hp, req.tbt_slo)):
                     hp = None  # keep the HP's steps short for the tighter class it serves
                 if hp is not None:
                     candidates.append(self.instances[hp])
@@ -202,6 +213,18 @@ class AscendraPolicy(Policy):
         """Whether the instance holds a request with a tighter TBT objective than tbt_slo (any, if None)."""
         bound = math.inf if tbt_slo is None else tbt_slo
         return any(r.tbt_slo is not None and r.tbt_slo < bound for r in self.on_instance[instance_id].values())
+
+    def _balance_to_hp(self, hp: int, tbt_slo: float | None) -> bool:
+        """Whether a looser-class request may share an HP that serves a tighter class: every LP's
+        steps have grown past BALANCE_LP_SHARE of its TBT objective while the HP's stay under
+        TIGHT_PACE_SHARE of the tightest objective it holds (the pace check the tight class
+        itself passes to get there)."""
+        if tbt_slo is None:
+            return False
+        lps = [self.state[i.instance_id].step_time_avg for i in self.instances if i.role == "lp" and i.alive]
+        tightest = min((r.tbt_slo for r in self.on_instance[hp].values() if r.tbt_slo is not None), default=math.inf)
+        return (bool(lps) and min(lps) > BALANCE_LP_SHARE * tbt_slo
+                and self.state[hp].step_time_avg < TIGHT_PACE_SHARE * tightest)
 
     def would_miss(self, req: RouteRequest) -> bool:
         """SLO-aware admission: True when no live instance is predicted to give req its first token

@@ -318,6 +318,30 @@ def test_mixed_slo_classes_are_routed_apart():
     assert placed["loose"][1:] == [0, 0]
 
 
+def test_looser_class_shares_the_hp_once_the_lp_is_busy_and_the_hp_keeps_pace():
+    """With the LP's steps past BALANCE_LP_SHARE of the looser class's TBT (0.2 x 0.5 s) and the
+    HP's well inside the tight class's, a looser request may go to the HP, which then competes on
+    load (the LP holds more). Once the HP's steps near the tight objective, it is kept off again."""
+    pol = make_policy()
+    for i in range(12):  # the LP holds 12 looser requests, decoding in steps of 0.15 s
+        pol.on_dispatch(0, RouteRequest(f"held{i}", 20, 200, 0.0, ttft_slo=5.0, tbt_slo=0.5))
+    for k in range(20):
+        pol.on_step(0, step(0, 0.15 * k, running=12, num_seqs=12, num_decode_tokens=12,
+                            decode_context_tokens=240, step_time=0.15))
+    pol.on_step(1, step(1, 0.0))
+    placed = _route_mixed(pol, 3)
+    assert placed["tight"][1:] == [1, 1]
+    assert 1 in placed["loose"][1:]  # shares the HP: the busy LP was the heavier
+    # The HP's steps now average 48 ms against the tight class's 50 ms: paced at the edge.
+    for k in range(20):
+        pol.on_step(1, step(1, 3.0 + 0.05 * k, running=2, num_seqs=2, num_decode_tokens=2,
+                            decode_context_tokens=40, step_time=0.048))
+    req = RouteRequest("loose-later", 20, 20, 4.0, ttft_slo=5.0, tbt_slo=0.5)
+    assert pol.route(req) == 0
+    # And with the LP idle (steps averaging 0), the looser class stays off an HP serving the
+    # tight one however fast the HP runs (test_mixed_slo_classes_are_routed_apart).
+
+
 def test_without_class_routing_the_classes_share_the_hp_ticket():
     pol = make_policy(class_routing=False)
     for iid in (0, 1):

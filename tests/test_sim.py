@@ -363,6 +363,37 @@ def test_shared_host_cost_keeps_the_total_busy_time_of_noisy_steps():
     assert costs.SharedHostCost.fit(log).speed_ratio(log) == pytest.approx(1.0, rel=1e-9)
 
 
+def test_shared_host_cost_measures_how_wide_decode_batches_outgrow_the_linear_fit():
+    """A host whose steps of 16+ decodes run 1.4x what a linear model gives (cache misses on the
+    CPU): the fit keeps its linear form, and width_factor carries the measured excess per bin of
+    decodes, so the simulated wide steps take as long as the logged ones."""
+    model = PerfModel.from_list(COEF)
+    rng = random.Random(5)
+    rows, t = [], 100.0
+    for _ in range(600):
+        dec = rng.randint(1, 31)
+        s = BatchShape(0, 0, dec, dec * 300)
+        dur = model.predict(s) * (1.4 if dec >= 16 else 1.0)
+        rows.append({"worker": 0, "prefill": 0, "pairs": 0, "decode": dec, "decode_context": dec * 300,
+                     "step_time": dur, "end": t + dur, "received": t + dur, "running": dec, "waiting": 0})
+        t += dur
+    cost = costs.SharedHostCost.fit(rows)
+    narrow, wide = BatchShape(0, 0, 4, 1200), BatchShape(0, 0, 24, 24 * 300)
+    wide_ratio = cost.predict_shared(wide, 0) / model.predict(wide)
+    narrow_ratio = cost.predict_shared(narrow, 0) / model.predict(narrow)
+    assert wide_ratio / narrow_ratio == pytest.approx(1.4, rel=0.05)
+    # Wider than the log holds: the widest measured bin's factor; the total busy time is kept.
+    assert cost.width_factor(BatchShape(0, 0, 120, 120 * 300)) == cost.width_factor(wide)
+    assert cost.speed_ratio(rows) == pytest.approx(1.0, rel=1e-9)
+    assert cost.scaled(2.0).width_factors == cost.width_factors
+    # Per-step residuals are taken against the corrected fit: wide steps are not replayed as a
+    # slow phase on top of their factor (what is left is the linear fit's shape within a bin).
+    [series] = cost.with_residuals(rows).residuals
+    linear = costs.SharedHostCost(cost.alone, cost.beside, cost.loop_s)
+    [uncorrected] = linear.with_residuals(rows).residuals
+    assert max(series) / min(series) < 1.3 < max(uncorrected) / min(uncorrected)
+
+
 def test_simulator_slows_steps_that_start_beside_another_instance(tmp_path):
     alone = PerfModel.from_list(COEF)
     beside = PerfModel.from_list([c * 2 for c in COEF])

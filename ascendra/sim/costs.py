@@ -184,21 +184,42 @@ class SharedHostCost:
     also carries what an in-process profile cannot see (the worker loop between steps, wide decode
     batches that fall out of cache)."""
 
-    def __init__(self, alone: PerfModel, beside: PerfModel, loop_s: float = 0.0) -> None:
+    def __init__(self, alone: PerfModel, beside: PerfModel, loop_s: float = 0.0,
+                 width_factors: dict[tuple[int, bool], float] | None = None) -> None:
         self.alone, self.beside, self.loop_s = alone, beside, loop_s
+        # Measured / fitted time of logged steps by decode width (see width_factor); empty: none.
+        self.width_factors = dict(width_factors or {})
         self.num_alone = self.num_beside = 0  # steps each was fitted on
         # Per logged worker, in time order: each step's measured / fitted time, scaled to mean 1
         # (None: steps take exactly the fit). See with_residuals.
         self.residuals: list[list[float]] | None = None
 
     def predict(self, shape: BatchShape) -> float:
-        return self.beside.predict(shape) + self.loop_s if not shape.is_empty else 0.0
+        return self.predict_shared(shape, 1)
 
     def predict_shared(self, shape: BatchShape, others_busy: int) -> float:
         """A step that starts while `others_busy` other instances on the host are mid-step."""
         if shape.is_empty:
             return 0.0
-        return (self.alone if others_busy == 0 else self.beside).predict(shape) + self.loop_s
+        model = self.alone if others_busy == 0 else self.beside
+        return model.predict(shape) * self.width_factor(shape) + self.loop_s
+
+    def width_factor(self, shape: BatchShape) -> float:
+        """How much slower than the linear fit the host ran steps of this decode width.
+
+        The fit is linear in the number of decodes, the host is not: on the 2-core CPU, steps of
+        16-31 decodes ran 1.3-1.4x what the fit gives (their activations and KV fall out of
+        cache), and those are the steps a loaded instance runs, so a linear fit made the
+        simulator's baselines look up to 1.7x faster than the server they were fitted on. Steps
+        wider than any the log holds enough of take the widest measured bin's factor."""
+        if not self.width_factors:
+            return 1.0
+        key = _width_bin(shape.decodes, shape.prefill_tokens > 0)
+        for b in range(key[0], -1, -1):
+            factor = self.width_factors.get((b, key[1]))
+            if factor is not None:
+                return factor
+        return 1.0
 
     @classmethod
     def fit(cls, steps: list[dict], min_steps: int = 40) -> "SharedHostCost":
@@ -221,6 +242,21 @@ class SharedHostCost:
         cost = cls(fit(alone) if len(alone) >= min_steps else both, fit(beside) if len(beside) >= min_steps else both,
                    sum(gaps) / len(gaps) if gaps else 0.0)
         cost.num_alone, cost.num_beside = len(alone), len(beside)
+        # Per decode width, measured over fitted time (bins of WIDTH_BIN decodes, with and
+        # without prefill, each from at least MIN_BIN_STEPS logged steps).
+        sums: dict[tuple[int, bool], list[float]] = {}
+        for r, model_s in cost._fitted(steps):
+            acc = sums.setdefault(_width_bin(r["decode"], r["prefill"] > 0), [0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += r["step_time"]
+            acc[2] += model_s
+        cost.width_factors = {k: a / f for k, (n, a, f) in sums.items() if n >= MIN_BIN_STEPS and f > 0}
+        # Steps in bins too thin to measure borrowed a neighbour's factor: rescale so that the
+        # total busy time is still the logged one.
+        fitted = sum(t for _, t in cost._fitted(steps))
+        if cost.width_factors and fitted > 0:
+            scale = sum(r["step_time"] for r in steps) / fitted
+            cost.width_factors = {k: f * scale for k, f in cost.width_factors.items()}
         return cost
 
     def with_residuals(self, steps: list[dict]) -> "SharedHostCost":
@@ -249,8 +285,8 @@ class SharedHostCost:
     def _fitted(self, steps: list[dict]) -> list[tuple[dict, float]]:
         """Each logged step with the time its model (alone or beside) gives it, worker loop aside."""
         alone, beside, _ = _split_steps(steps)
-        return ([(r, self.alone.predict(_shape(r))) for r in alone]
-                + [(r, self.beside.predict(_shape(r))) for r in beside])
+        return ([(r, self.alone.predict(_shape(r)) * self.width_factor(_shape(r))) for r in alone]
+                + [(r, self.beside.predict(_shape(r)) * self.width_factor(_shape(r))) for r in beside])
 
     def speed_ratio(self, steps: list[dict]) -> float:
         """Measured over predicted time of logged steps (>1: the host ran slower than when fitted)."""
@@ -261,9 +297,19 @@ class SharedHostCost:
     def scaled(self, factor: float) -> "SharedHostCost":
         """The same host running `factor` times slower (the worker loop unchanged)."""
         cost = SharedHostCost(PerfModel.from_list([c * factor for c in self.alone.to_list()]),
-                              PerfModel.from_list([c * factor for c in self.beside.to_list()]), self.loop_s)
+                              PerfModel.from_list([c * factor for c in self.beside.to_list()]), self.loop_s,
+                              self.width_factors)
         cost.num_alone, cost.num_beside = self.num_alone, self.num_beside
         return cost
+
+
+# SharedHostCost.width_factor: decodes per bin, and the logged steps a bin needs to be measured.
+WIDTH_BIN = 8
+MIN_BIN_STEPS = 30
+
+
+def _width_bin(decodes: int, has_prefill: bool) -> tuple[int, bool]:
+    return decodes // WIDTH_BIN, has_prefill
 
 
 def _shape(r: dict) -> BatchShape:
