@@ -74,7 +74,8 @@ TIGHT_PACE_SHARE = 0.9
 # off the HP altogether left the LP holding 62% of the prompt tokens on the real CPU server, and
 # a wide LP's steps grow faster than linearly with its decodes (see sim/costs.py, width_factor):
 # simulated on a real run's logged steps with their noise (1,000 mixed-class requests, trace
-# arrivals, 4 seeds) capacity rose 18.6 -> 22.6 req/s; a share of 0 to 0.3 gave 22.1-22.6.
+# arrivals, mean of 8 seeds) capacity rose 18.59 -> 21.76 req/s (Sarathi 18.34); on 4 seeds a
+# share of 0 to 0.3 gave 21.4-22.4.
 BALANCE_LP_SHARE = 0.2
 # Weight of the newest step in an instance's running average of step time.
 STEP_TIME_SMOOTHING = 0.2
