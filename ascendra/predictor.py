@@ -190,9 +190,11 @@ class AscendraPolicy(Policy):
             else:
                 hp = self._best_hp(req.num_prompt_tokens, 0, req.max_tokens, deadline, req.tbt_slo, req.arrival_time,
                                    started=False, new_request=True)
-                if (hp is not None and self.class_routing and self._tighter_held(hp, req.tbt_slo)
-                        and not self._balance_to_hp(hp, req.tbt_slo)):
-                    hp = None  # keep the HP's steps short for the tighter class it serves
+                if hp is not None and self.class_routing:
+                    tightest = self._tightest_tbt(hp)
+                    own = math.inf if req.tbt_slo is None else req.tbt_slo
+                    if tightest < own and not self._balance_to_hp(hp, tightest, req.tbt_slo):
+                        hp = None  # keep the HP's steps short for the tighter class it serves
                 if hp is not None:
                     candidates.append(self.instances[hp])
         lp = least_loaded(candidates)
@@ -210,20 +212,19 @@ class AscendraPolicy(Policy):
         """Whether a looser TBT class than tbt_slo has been seen (so this request is the tight kind)."""
         return tbt_slo is not None and tbt_slo < self._loosest_tbt
 
-    def _tighter_held(self, instance_id: int, tbt_slo: float | None) -> bool:
-        """Whether the instance holds a request with a tighter TBT objective than tbt_slo (any, if None)."""
-        bound = math.inf if tbt_slo is None else tbt_slo
-        return any(r.tbt_slo is not None and r.tbt_slo < bound for r in self.on_instance[instance_id].values())
+    def _tightest_tbt(self, instance_id: int) -> float:
+        """The tightest TBT objective among the requests an instance holds (inf if none has one)."""
+        return min((r.tbt_slo for r in self.on_instance[instance_id].values() if r.tbt_slo is not None),
+                   default=math.inf)
 
-    def _balance_to_hp(self, hp: int, tbt_slo: float | None) -> bool:
-        """Whether a looser-class request may share an HP that serves a tighter class: every LP's
-        steps have grown past BALANCE_LP_SHARE of its TBT objective while the HP's stay under
-        TIGHT_PACE_SHARE of the tightest objective it holds (the pace check the tight class
-        itself passes to get there)."""
+    def _balance_to_hp(self, hp: int, tightest: float, tbt_slo: float | None) -> bool:
+        """Whether a looser-class request may share an HP whose tightest TBT objective is
+        `tightest`: every LP's steps have grown past BALANCE_LP_SHARE of the request's TBT
+        objective while the HP's stay under TIGHT_PACE_SHARE of `tightest` (the pace check the
+        tight class itself passes to get there)."""
         if tbt_slo is None:
             return False
         lps = [self.state[i.instance_id].step_time_avg for i in self.instances if i.role == "lp" and i.alive]
-        tightest = min((r.tbt_slo for r in self.on_instance[hp].values() if r.tbt_slo is not None), default=math.inf)
         return (bool(lps) and min(lps) > BALANCE_LP_SHARE * tbt_slo
                 and self.state[hp].step_time_avg < TIGHT_PACE_SHARE * tightest)
 

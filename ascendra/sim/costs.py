@@ -244,8 +244,9 @@ class SharedHostCost:
         cost.num_alone, cost.num_beside = len(alone), len(beside)
         # Per decode width, measured over fitted time (bins of WIDTH_BIN decodes, with and
         # without prefill, each from at least MIN_BIN_STEPS logged steps).
+        linear = cost._fitted_split(alone, beside)  # width factors still empty: the linear fit
         sums: dict[tuple[int, bool], list[float]] = {}
-        for r, model_s in cost._fitted(steps):
+        for r, model_s in linear:
             acc = sums.setdefault(_width_bin(r["decode"], r["prefill"] > 0), [0, 0.0, 0.0])
             acc[0] += 1
             acc[1] += r["step_time"]
@@ -253,7 +254,7 @@ class SharedHostCost:
         cost.width_factors = {k: a / f for k, (n, a, f) in sums.items() if n >= MIN_BIN_STEPS and f > 0}
         # Steps in bins too thin to measure borrowed a neighbour's factor: rescale so that the
         # total busy time is still the logged one.
-        fitted = sum(t for _, t in cost._fitted(steps))
+        fitted = sum(t * cost.width_factor(_shape(r)) for r, t in linear)
         if cost.width_factors and fitted > 0:
             scale = sum(r["step_time"] for r in steps) / fitted
             cost.width_factors = {k: f * scale for k, f in cost.width_factors.items()}
@@ -285,8 +286,15 @@ class SharedHostCost:
     def _fitted(self, steps: list[dict]) -> list[tuple[dict, float]]:
         """Each logged step with the time its model (alone or beside) gives it, worker loop aside."""
         alone, beside, _ = _split_steps(steps)
-        return ([(r, self.alone.predict(_shape(r)) * self.width_factor(_shape(r))) for r in alone]
-                + [(r, self.beside.predict(_shape(r)) * self.width_factor(_shape(r))) for r in beside])
+        return self._fitted_split(alone, beside)
+
+    def _fitted_split(self, alone: list[dict], beside: list[dict]) -> list[tuple[dict, float]]:
+        out = []
+        for model, rows in ((self.alone, alone), (self.beside, beside)):
+            for r in rows:
+                shape = _shape(r)
+                out.append((r, model.predict(shape) * self.width_factor(shape)))
+        return out
 
     def speed_ratio(self, steps: list[dict]) -> float:
         """Measured over predicted time of logged steps (>1: the host ran slower than when fitted)."""
