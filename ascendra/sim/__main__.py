@@ -34,7 +34,7 @@ from ascendra.sim.benchlib import (add_slo_args, add_workload_args, format_table
 from ascendra.sim.bound import disaggregated_bound, throughput_bound, work_bound
 from ascendra.sim.engine import SimConfig
 from ascendra.sim.scenarios import SCENARIOS, Scenario, WorkloadDef
-from ascendra.sim.sweep import VARIANTS, Setup, ratio, search_capacity, simulate, sweep_summary
+from ascendra.sim.sweep import VARIANTS, Setup, best_baseline, ratio, search_capacity, simulate, sweep_summary
 
 DEFAULT_VARIANTS = "vllm,sarathi,ascendra"
 ABLATIONS = ("ascendra-unstarted", "ascendra-no-decode", "ascendra-no-prefill")
@@ -261,7 +261,7 @@ def add_bound(summary: dict, setup: Setup) -> None:
     split = disaggregated_bound(setup.cost, specs, sim.tbt_slo, sim.max_num_seqs, sim.num_instances)
     if split is not None:
         summary["bound_disaggregated_rps"], summary["bound_disaggregated_binding"] = split.rate, split.binding
-    best = max((c for p, c in summary["capacity_rps"].items() if p in ("vllm", "sarathi") and c), default=None)
+    best = best_baseline(summary["capacity_rps"])
     summary["bound_work_vs_best_baseline"] = summary["bound_work_rps"] / best if best else None
     summary["fraction_of_bound"] = {p: (c / (wide.rate if p in SEAT_VARIANTS else b.rate) if c else None)
                                     for p, c in summary["capacity_rps"].items()}

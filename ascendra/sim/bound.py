@@ -75,6 +75,12 @@ def work_bound(cost, requests: Sequence, num_instances: int) -> float | None:
     return num_instances * len(requests) / work
 
 
+def _tightest_tbt(requests: Sequence, tbt_slo: float | None) -> float | None:
+    """The tightest TBT objective among the requests' own (tbt_slo_s) and tbt_slo for the rest."""
+    own = [getattr(r, "tbt_slo_s", None) for r in requests]
+    return min((t for t in (o if o is not None else tbt_slo for o in own) if t), default=None)
+
+
 def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_seqs: int,
                      num_instances: int, kv_tokens: int | None = None) -> Bound | None:
     """cost: anything with predict(BatchShape) -> seconds. requests: items with prompt_len,
@@ -85,9 +91,7 @@ def throughput_bound(cost, requests: Sequence, tbt_slo: float | None, max_num_se
     n = len(requests)
     prompt = sum(r.prompt_len for r in requests) / n
     output = sum(r.output_len for r in requests) / n
-    own = [getattr(r, "tbt_slo_s", None) for r in requests]
-    tbts = [t if t is not None else tbt_slo for t in own]
-    cap = min((t for t in tbts if t), default=None)
+    cap = _tightest_tbt(requests, tbt_slo)
     context = prompt + output / 2
     seats = max_num_seqs
     if kv_tokens is not None:
@@ -125,8 +129,7 @@ def disaggregated_bound(cost, requests: Sequence, tbt_slo: float | None, max_num
                     for r in requests) / n
     later = sum(r.output_len - 1 for r in requests) / n  # tokens after the first, per request
     context = sum(r.prompt_len + r.output_len / 2 for r in requests) / n
-    tbts = [getattr(r, "tbt_slo_s", None) or tbt_slo for r in requests]
-    cap = min((t for t in tbts if t), default=None)
+    cap = _tightest_tbt(requests, tbt_slo)
     decode_rate, best_b, best_step = math.inf, 0, 0.0
     if later > 0:
         decode_rate = 0.0

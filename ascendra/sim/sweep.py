@@ -221,8 +221,13 @@ def sweep_summary(points: dict[str, dict[float, dict]], setup: Setup, threshold:
     return summary
 
 
+def best_baseline(caps: dict[str, float | None], baselines: Sequence[str] = ("vllm", "sarathi")) -> float | None:
+    """The highest capacity among the baselines measured (None where none crossed)."""
+    return max((caps[b] for b in baselines if caps.get(b)), default=None)
+
+
 def ratio(caps: dict[str, float | None], ours: str = "ascendra", baselines: Sequence[str] = ("vllm", "sarathi")) -> float | None:
-    best = max((caps[b] for b in baselines if caps.get(b)), default=None)
+    best = best_baseline(caps, baselines)
     if not best or caps.get(ours) is None:
         return None
     return caps[ours] / best
